@@ -1,0 +1,94 @@
+"""NotifierConfig: every tunable, with the reference notifier's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["NotifierConfig"]
+
+__version__ = "0.1.0"
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+
+
+def _secs_in(name: str, value: Any, lo: float, hi: float, *, open_low: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if value != value or value > hi or value < lo or (open_low and value == lo):
+        low = f"greater than {lo}" if open_low else f"at least {lo}"
+        raise ValueError(f"{name} must be {low} and at most {hi}, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class NotifierConfig:
+    """Configuration of a JobNotifier. Validated on construction.
+
+    The first five fields and their defaults are the reference notifier's.
+    """
+
+    #: HMAC-SHA256 key (its UTF-8 bytes). Required for webhooks.
+    signing_secret: str = ""
+    #: Extra attempts after the first one failed.
+    max_retries: int = 3
+    #: Backoff before retry n is retry_base_ms * 2**(n-1), jittered +-20%.
+    retry_base_ms: int = 1000
+    #: Per-attempt timeout, connection included.
+    timeout_secs: float = 10
+    #: Events a subscriber may fall behind before it is told it lagged.
+    sse_capacity: int = 16
+    #: Live channels (registered or subscribed, non-terminal jobs) at most.
+    max_channels: int = 10_000
+    #: Dead letters kept; the oldest is evicted first.
+    max_dead_letters: int = 1000
+    #: Allow webhooks to loopback, private, link-local... addresses.
+    allow_private_networks: bool = False
+    #: Cap of a single backoff delay.
+    max_retry_delay_ms: int = 300_000
+    #: Concurrent connections (and transfers) in total.
+    max_connections: int = 64
+    #: Concurrent connections to one origin (scheme, host, port).
+    max_connections_per_host: int = 16
+    #: Response bytes read before the rest is discarded unread.
+    max_response_bytes: int = 64 * 1024
+    #: How long close() (and interpreter exit) waits for pending deliveries.
+    close_timeout_secs: float = 10.0
+    #: User-Agent header of webhook requests.
+    user_agent: str = f"blueprint-notify/{__version__}"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.signing_secret, str):
+            raise TypeError(
+                f"signing_secret must be a str, not {type(self.signing_secret).__name__}"
+            )
+        _int_in("max_retries", self.max_retries, 0, 1_000_000)
+        _int_in("retry_base_ms", self.retry_base_ms, 0, 86_400_000)
+        _secs_in("timeout_secs", self.timeout_secs, 0, 3600, open_low=True)
+        _int_in("sse_capacity", self.sse_capacity, 1, 1_000_000)
+        _int_in("max_channels", self.max_channels, 1, 100_000_000)
+        _int_in("max_dead_letters", self.max_dead_letters, 0, 100_000_000)
+        if not isinstance(self.allow_private_networks, bool):
+            raise TypeError("allow_private_networks must be a bool")
+        _int_in("max_retry_delay_ms", self.max_retry_delay_ms, 0, 7 * 86_400_000)
+        _int_in("max_connections", self.max_connections, 1, 4096)
+        _int_in("max_connections_per_host", self.max_connections_per_host, 1, 4096)
+        if self.max_connections_per_host > self.max_connections:
+            raise ValueError(
+                "max_connections_per_host must not exceed max_connections "
+                f"({self.max_connections_per_host} > {self.max_connections})"
+            )
+        _int_in("max_response_bytes", self.max_response_bytes, 0, 1 << 30)
+        _secs_in("close_timeout_secs", self.close_timeout_secs, 0, 86_400)
+        if not isinstance(self.user_agent, str):
+            raise TypeError("user_agent must be a str")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in self.user_agent) or "\x00" in self.user_agent:
+            raise ValueError("user_agent must not contain control characters")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,154 @@
+"""Event and record types: JobStatus, JobEvent, FailedDelivery."""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["JobStatus", "JobEvent", "FailedDelivery"]
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+class JobStatus(str, enum.Enum):
+    """Job lifecycle status; values are the wire's snake_case strings."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for COMPLETED, FAILED and CANCELLED: no event follows."""
+        return self in _TERMINAL
+
+    @property
+    def _code(self) -> int:
+        return _CODES[self]
+
+
+_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+_CODES = {status: i for i, status in enumerate(JobStatus)}
+_BY_CODE = list(JobStatus)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One job lifecycle event, as sent to subscribers and webhooks.
+
+    ``status`` accepts a JobStatus or its string value. ``progress`` is an int
+    from 0 to 100, ``result`` any JSON-serialisable value (checked when the
+    event is sent), ``error`` a str and ``timestamp`` unix seconds (default:
+    now). None fields are left out of the JSON.
+    """
+
+    status: JobStatus
+    progress: int | None = None
+    result: Any = None
+    error: str | None = None
+    timestamp: int = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        status = self.status
+        if not isinstance(status, JobStatus):
+            if not isinstance(status, str):
+                raise TypeError(f"status must be a JobStatus or str, not {type(status).__name__}")
+            try:
+                object.__setattr__(self, "status", JobStatus(status))
+            except ValueError:
+                allowed = ", ".join(s.value for s in JobStatus)
+                raise ValueError(f"status must be one of {allowed}; got {status!r}") from None
+        progress = self.progress
+        if progress is not None:
+            if type(progress) is not int:
+                if isinstance(progress, bool) or not isinstance(progress, int):
+                    raise TypeError(f"progress must be an int or None, not {type(progress).__name__}")
+                object.__setattr__(self, "progress", int(progress))
+            if not 0 <= progress <= 100:
+                raise ValueError(f"progress must be between 0 and 100, got {progress}")
+        if self.error is not None and not isinstance(self.error, str):
+            raise TypeError(f"error must be a str or None, not {type(self.error).__name__}")
+        ts = self.timestamp
+        if type(ts) is not int:
+            if isinstance(ts, bool) or not isinstance(ts, int):
+                raise TypeError(f"timestamp must be an int (unix seconds), not {type(ts).__name__}")
+            object.__setattr__(self, "timestamp", int(ts))
+        if ts < 0:
+            raise ValueError(f"timestamp must not be negative, got {ts}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a dict, None fields omitted."""
+        out: dict[str, Any] = {"status": self.status.value}
+        if self.progress is not None:
+            out["progress"] = self.progress
+        if self.result is not None:
+            out["result"] = self.result
+        if self.error is not None:
+            out["error"] = self.error
+        out["timestamp"] = self.timestamp
+        return out
+
+    def to_json(self) -> str:
+        """Compact JSON (the bytes sent are its UTF-8). TypeError if the
+        result cannot be serialised."""
+        parts = ['{"status":"', self.status.value, '"']
+        if self.progress is not None:
+            parts += [',"progress":', str(self.progress)]
+        if self.result is not None:
+            try:
+                parts += [',"result":', _encode(self.result)]
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise TypeError(f"result is not JSON-serialisable: {exc}") from None
+        if self.error is not None:
+            parts += [',"error":', _encode(self.error)]
+        parts += [',"timestamp":', str(self.timestamp), "}"]
+        return "".join(parts)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobEvent:
+        """Builds an event from its dict form (as produced by to_dict)."""
+        return cls(
+            status=data["status"],
+            progress=data.get("progress"),
+            result=data.get("result"),
+            error=data.get("error"),
+            timestamp=data["timestamp"],
+        )
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> JobEvent:
+        """Parses the JSON form of an event."""
+        return cls.from_dict(json.loads(data))
+
+
+@dataclass(frozen=True, slots=True)
+class FailedDelivery:
+    """A webhook that could not be delivered (a dead letter).
+
+    ``payload`` is the exact JSON body that was sent; ``last_error`` says why
+    the last attempt failed; ``failed_at`` is a unix time in seconds.
+    """
+
+    job_id: str
+    url: str
+    attempts: int
+    last_error: str
+    payload: str
+    id: int = 0
+    failed_at: float = 0.0
+
+    def event(self) -> JobEvent:
+        """The event this delivery carried."""
+        return JobEvent.from_dict(json.loads(self.payload)["event"])

@@ -1,0 +1,248 @@
+"""JobNotifier: the Python face of the native engine."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import logging
+import threading
+import weakref
+from types import TracebackType
+from typing import Any
+
+from . import _core
+from ._config import NotifierConfig
+from ._events import FailedDelivery, JobEvent
+from ._subscription import Subscription, _LoopHub
+
+__all__ = ["JobNotifier"]
+
+logger = logging.getLogger("blueprint_notify")
+
+_live: weakref.WeakSet[JobNotifier] = weakref.WeakSet()
+
+
+def _emit_logs(records: list[tuple[int, str]]) -> None:
+    """Sink for the delivery thread's log records (called with the GIL, from
+    whichever Python thread next enters the engine)."""
+    for level, msg in records:
+        logger.log(level, "%s", msg)
+
+
+class JobNotifier:
+    """Tells customers what their jobs are doing: signed webhooks delivered by
+    a native thread, and live per-job channels for asyncio subscribers.
+
+    ``JobNotifier(config=None, **overrides)``: overrides replace fields of
+    ``config`` (or of the defaults). Use as a context manager (``with`` or
+    ``async with``) or call ``close()``.
+    """
+
+    def __init__(self, config: NotifierConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = NotifierConfig(**overrides)
+        elif not isinstance(config, NotifierConfig):
+            raise TypeError(f"config must be a NotifierConfig, not {type(config).__name__}")
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self._config = config
+        self._secret = config.signing_secret.encode("utf-8")
+        if not self._secret:
+            logger.warning(
+                "notifier created with an empty signing_secret: notify() with a "
+                "webhook_url will raise ValueError (SSE-only use is fine)"
+            )
+        self._engine = _core.Engine(
+            signing_secret=self._secret,
+            max_retries=config.max_retries,
+            retry_base_ms=config.retry_base_ms,
+            max_retry_delay_ms=config.max_retry_delay_ms,
+            timeout_ms=max(1, round(config.timeout_secs * 1000)),
+            sse_capacity=config.sse_capacity,
+            max_channels=config.max_channels,
+            max_dead_letters=config.max_dead_letters,
+            allow_private_networks=config.allow_private_networks,
+            max_connections=config.max_connections,
+            max_connections_per_host=config.max_connections_per_host,
+            max_response_bytes=config.max_response_bytes,
+            user_agent=config.user_agent,
+            log_sink=_emit_logs,
+        )
+        self._hubs: dict[asyncio.AbstractEventLoop, _LoopHub] = {}
+        self._hubs_lock = threading.Lock()
+        _live.add(self)
+
+    @property
+    def config(self) -> NotifierConfig:
+        return self._config
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._engine.closed)
+
+    # -- tokens ----------------------------------------------------------------
+    def register_job(self, job_id: str) -> str:
+        """Creates the job's channel and returns a fresh bearer token: 32 bytes
+        from the OS CSPRNG as 64 lowercase hex chars. Registering again
+        replaces the token. Raises ChannelLimitError at max_channels."""
+        return self._engine.register_job(job_id)
+
+    def validate_job_token(self, job_id: str, token: str) -> bool:
+        """True if the job is live and the token is its own (constant time).
+        Unknown jobs and wrong tokens are both False."""
+        return self._engine.validate_job_token(job_id, token)
+
+    # -- events ----------------------------------------------------------------
+    def notify(self, job_id: str, event: JobEvent, webhook_url: str | None = None) -> None:
+        """Publishes an event to the job's subscribers and, with a URL, queues
+        a signed webhook delivery. Non-blocking; callable from any thread.
+
+        Raises ValueError (bad job_id, bad URL, URL without a signing
+        secret), TypeError (wrong types, result not JSON-serialisable) or
+        RuntimeError after close().
+        """
+        if type(event) is not JobEvent and not isinstance(event, JobEvent):
+            raise TypeError(f"event must be a JobEvent, not {type(event).__name__}")
+        if webhook_url is not None and not self._secret:
+            raise ValueError(
+                "webhook_url given but signing_secret is empty: webhooks cannot be "
+                "signed (set NotifierConfig.signing_secret)"
+            )
+        body = event.to_json().encode("utf-8")
+        self._engine.notify(job_id, event.status._code, body, webhook_url)
+
+    def subscribe(self, job_id: str) -> Subscription:
+        """Subscribes the running event loop to the job's live events (those
+        published from now on). Raises ChannelLimitError at max_channels,
+        RuntimeError outside a running loop or after close()."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("subscribe() must be called from a running event loop") from None
+        if self._engine.closed:
+            raise RuntimeError("notifier is closed")
+        hub = self._hub_for(loop)
+        hub.acquire()
+        try:
+            return Subscription(self, job_id, hub)
+        finally:
+            hub.release()
+
+    def _hub_for(self, loop: asyncio.AbstractEventLoop) -> _LoopHub:
+        with self._hubs_lock:
+            hub = self._hubs.get(loop)
+            if hub is None:
+                hub = self._hubs[loop] = _LoopHub(self, loop)
+            return hub
+
+    def _forget_hub(self, hub: _LoopHub) -> None:
+        with self._hubs_lock:
+            if self._hubs.get(hub.loop) is hub:
+                del self._hubs[hub.loop]
+
+    # -- delivery state ----------------------------------------------------------
+    def dead_letters(self) -> list[FailedDelivery]:
+        """Deliveries that failed for good, oldest first."""
+        return [
+            FailedDelivery(
+                job_id=job_id,
+                url=url,
+                attempts=attempts,
+                last_error=last_error,
+                payload=payload.decode("utf-8"),
+                id=ident,
+                failed_at=failed_at,
+            )
+            for ident, job_id, url, attempts, last_error, payload, failed_at in self._engine.dead_letters()
+        ]
+
+    def clear_dead_letters(self) -> None:
+        self._engine.clear_dead_letters()
+
+    def active_channels(self) -> int:
+        """Live (registered or subscribed, non-terminal) job channels."""
+        return self._engine.active_channels()
+
+    def pending(self) -> int:
+        """Webhook deliveries queued, in flight or waiting for a retry."""
+        return self._engine.pending()
+
+    def stats(self) -> dict[str, int]:
+        """Counters: submitted, delivered, dead_lettered, dead_letters_evicted,
+        attempts, failed_attempts, pending, active_channels."""
+        return self._engine.stats()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Blocks (without the GIL) until every delivery queued so far is
+        delivered or dead-lettered; False if the timeout passed first."""
+        return self._engine.flush(timeout)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Like flush() without blocking the event loop."""
+        if self._engine.pending() == 0:
+            self._engine.pump_logs()
+            return True
+        loop = asyncio.get_running_loop()
+        hub = self._hub_for(loop)
+        hub.acquire()
+        try:
+            return await hub.wait_drained(timeout)
+        finally:
+            hub.release()
+            self._engine.pump_logs()
+
+    def sign_payload(self, payload: bytes | str, timestamp: int) -> str:
+        """The hex HMAC-SHA256 of ``"{timestamp}.{payload}"`` with this
+        notifier's secret, as sent in X-Webhook-Signature (after "sha256=")."""
+        if not self._secret:
+            raise ValueError("cannot sign webhook: signing_secret is empty")
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        return _core.sign(self._secret, timestamp, data)
+
+    # -- lifetime ----------------------------------------------------------------
+    def close(self, timeout: float | None = None) -> None:
+        """Stops accepting events (notify then raises RuntimeError), ends
+        subscriptions, waits up to ``timeout`` (default: close_timeout_secs)
+        for pending deliveries and dead-letters the rest with a last_error
+        that says so. Idempotent."""
+        if timeout is None:
+            timeout = self._config.close_timeout_secs
+        self._engine.close(timeout)
+
+    def __enter__(self) -> JobNotifier:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> JobNotifier:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Wait on the loop (a receiver may run on it), then close at once.
+        await self.drain(self._config.close_timeout_secs)
+        self.close(0)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<JobNotifier {state} pending={self._engine.pending()} channels={self._engine.active_channels()}>"
+
+
+@atexit.register
+def _close_all() -> None:
+    """At interpreter exit, give pending deliveries close_timeout_secs and
+    dead-letter (and log) the rest instead of dropping them silently."""
+    for notifier in list(_live):
+        if not notifier.closed:
+            notifier.close()

@@ -1,0 +1,230 @@
+"""Asyncio subscribers of per-job channels.
+
+The native side marks a subscriber ready and writes the loop's eventfd (only
+on the 0->1 transition); ``loop.add_reader`` runs ``Waker.dispatch`` on the
+loop thread, which calls each ready subscription's ``_wake``. Everything in
+this module runs on the subscription's event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+from ._events import JobEvent
+
+if TYPE_CHECKING:
+    from ._notifier import JobNotifier
+
+__all__ = ["Subscription", "SubscriptionLagged", "SubscriptionClosed"]
+
+logger = logging.getLogger("blueprint_notify")
+
+_PULL_BATCH = 256
+
+
+class SubscriptionLagged(Exception):
+    """Raised by ``get()`` (and ``async for``) when the subscriber fell more
+    than ``sse_capacity`` events behind: ``skipped`` events were lost. The
+    subscription continues with the oldest event still retained; the
+    terminal event is never skipped. Catch it and keep reading."""
+
+    def __init__(self, skipped: int) -> None:
+        super().__init__(f"subscriber lagged: {skipped} event(s) skipped")
+        self.skipped = skipped
+
+
+class SubscriptionClosed(Exception):
+    """Raised by ``get()`` once the subscription has ended (after the
+    terminal event, ``close()``, or the notifier's close)."""
+
+
+class _LoopHub:
+    """One waker (eventfd) per (notifier, event loop), shared by the loop's
+    subscriptions and drain() waiters; removed when its last user leaves."""
+
+    def __init__(self, notifier: JobNotifier, loop: asyncio.AbstractEventLoop) -> None:
+        self.notifier = notifier
+        self.loop = loop
+        self.users = 0
+        self.drain_waiters: list[asyncio.Future[bool]] = []
+        self.waker = _core.Waker(notifier._engine, self._on_drained)
+        self.fd = self.waker.fileno()
+        loop.add_reader(self.fd, self.waker.dispatch)
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
+        self.notifier._forget_hub(self)
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+
+    def _on_drained(self) -> None:
+        if self.notifier._engine.pending() != 0:
+            return
+        for fut in self.drain_waiters:
+            if not fut.done():
+                fut.set_result(True)
+
+    async def wait_drained(self, timeout: float | None) -> bool:
+        fut: asyncio.Future[bool] = self.loop.create_future()
+        self.drain_waiters.append(fut)
+        self.waker.want_drain(True)
+        try:
+            if self.notifier._engine.pending() == 0:  # drained before we asked
+                return True
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                return False
+        finally:
+            self.drain_waiters.remove(fut)
+            if not self.drain_waiters:
+                self.waker.want_drain(False)
+
+
+def _on_ready_for(sub: Subscription) -> Any:
+    # A weak reference keeps the native side from holding the subscription
+    # alive: dropping it unsubscribes at once.
+    ref = weakref.ref(sub)
+
+    def on_ready() -> None:
+        s = ref()
+        if s is not None:
+            s._wake()
+
+    return on_ready
+
+
+class Subscription:
+    """Live events of one job, for one asyncio consumer.
+
+    Use ``async for event in sub`` (ends after the terminal event) or
+    ``await sub.get()``; ``async with`` or ``close()`` releases it. A
+    subscriber that falls more than ``sse_capacity`` events behind gets
+    :class:`SubscriptionLagged` from its next read, then continues.
+    """
+
+    def __init__(self, notifier: JobNotifier, job_id: str, hub: _LoopHub) -> None:
+        self._hub: _LoopHub | None = None
+        self._loop = hub.loop
+        self._buf: collections.deque[JobEvent] = collections.deque()
+        self._lagged = 0
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.job_id = job_id
+        #: Sequence number of the last event returned (0: none yet).
+        self.last_event_id = 0
+        self._seqs: collections.deque[int] = collections.deque()
+        self._core = notifier._engine.subscribe(job_id, hub.waker, _on_ready_for(self))
+        hub.acquire()
+        self._hub = hub
+
+    # -- reading -----------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fill(self) -> None:
+        events, skipped, ended = self._core.pull(_PULL_BATCH)
+        if skipped:
+            self._lagged += skipped
+        for seq, _status, data in events:
+            self._buf.append(JobEvent.from_json(data))
+            self._seqs.append(seq)
+        if ended:
+            self._ended = True
+
+    def _take(self) -> JobEvent | None:
+        if self._lagged:
+            skipped, self._lagged = self._lagged, 0
+            raise SubscriptionLagged(skipped)
+        if self._buf:
+            self.last_event_id = self._seqs.popleft()
+            return self._buf.popleft()
+        return None
+
+    async def get(self) -> JobEvent:
+        """The next event. Raises SubscriptionLagged after a gap and
+        SubscriptionClosed once the subscription has ended."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("Subscription.get() called from another event loop")
+        while True:
+            event = self._take()
+            if event is not None:
+                return event
+            if self._ended or self._core.closed:
+                self.close()
+                raise SubscriptionClosed(f"subscription to job {self.job_id!r} has ended")
+            self._fill()
+            if self._buf or self._lagged or self._ended:
+                continue
+            if self._waiter is not None:
+                raise RuntimeError("another coroutine is already waiting on this subscription")
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def get_nowait(self) -> JobEvent | None:
+        """The next event if one is ready, else None."""
+        event = self._take()
+        if event is None and not self._core.closed:
+            self._fill()
+            event = self._take()
+        return event
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        try:
+            return await self.get()
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    # -- lifetime ------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._hub is None
+
+    def close(self) -> None:
+        """Unsubscribes. Idempotent; call on the subscription's loop."""
+        hub, self._hub = self._hub, None
+        if hub is None:
+            return
+        self._ended = True
+        self._core.close()
+        self._wake()
+        hub.release()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        hub = getattr(self, "_hub", None)
+        if hub is None:
+            return
+        # Possibly on another thread (GC): release on the loop's thread.
+        self._core.close()
+        try:
+            hub.loop.call_soon_threadsafe(hub.release)
+        except RuntimeError:  # loop closed: nothing to unregister from
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Subscription job_id={self.job_id!r} {state} last_event_id={self.last_event_id}>"

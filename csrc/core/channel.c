@@ -1,0 +1,364 @@
+#include "channel.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "token.h"
+
+struct bpn_job {
+    bpn_map_node node;
+    unsigned refs;      /* the table's and each subscriber's */
+    int in_table;
+    int has_token;
+    int terminal;
+    char token[BPN_TOKEN_HEX_LEN];
+    uint64_t next_seq;  /* sequence number of the next event (from 1) */
+    size_t count;       /* events held in the ring */
+    bpn_event **ring;   /* hub->capacity slots, indexed by seq % capacity */
+    bpn_sub *subs;
+    size_t id_len;
+    char id[];
+};
+
+struct bpn_sub {
+    bpn_sub *prev, *next;   /* the job's subscribers */
+    bpn_sub *rprev, *rnext; /* the waker's ready list */
+    int ready;
+    bpn_job *job;
+    bpn_waker *waker;
+    uint64_t cursor;        /* sequence number of the next event wanted */
+    void *user;
+};
+
+struct bpn_waker {
+    bpn_waker *prev, *next;
+    bpn_hub *hub;
+    int fd;
+    int armed;              /* the eventfd has been written since last take */
+    int want_drain;
+    int drained;
+    bpn_sub *ready_head, *ready_tail;
+};
+
+/* ---- hub ---------------------------------------------------------------- */
+
+int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels) {
+    memset(hub, 0, sizeof(*hub));
+    hub->capacity = capacity ? capacity : 1;
+    hub->max_channels = max_channels;
+    if (bpn_map_init(&hub->jobs) < 0) return BPN_ENOMEM;
+    if (pthread_mutex_init(&hub->mu, NULL) != 0) {
+        bpn_map_fini(&hub->jobs);
+        return BPN_ENOMEM;
+    }
+    return BPN_OK;
+}
+
+static void job_free(bpn_hub *hub, bpn_job *job) {
+    for (size_t i = 0; i < hub->capacity; i++) bpn_event_unref(job->ring[i]);
+    free(job->ring);
+    free(job);
+}
+
+static void job_unref(bpn_hub *hub, bpn_job *job) {
+    if (--job->refs == 0) job_free(hub, job);
+}
+
+static void free_job_node(bpn_map_node *node, void *arg) {
+    bpn_job *job = BPN_CONTAINER_OF(node, bpn_job, node);
+    job_unref(arg, job);
+}
+
+void bpn_hub_fini(bpn_hub *hub) {
+    bpn_map_each(&hub->jobs, free_job_node, hub);
+    bpn_map_fini(&hub->jobs);
+    pthread_mutex_destroy(&hub->mu);
+}
+
+void bpn_hub_lock(bpn_hub *hub) { pthread_mutex_lock(&hub->mu); }
+void bpn_hub_unlock(bpn_hub *hub) { pthread_mutex_unlock(&hub->mu); }
+
+static bpn_job *find_job(bpn_hub *hub, const char *id, size_t len) {
+    bpn_map_node *n = bpn_map_get(&hub->jobs, id, len);
+    return n ? BPN_CONTAINER_OF(n, bpn_job, node) : NULL;
+}
+
+/* Returns the job's channel, creating it; NULL with *err set on failure. */
+static bpn_job *get_or_create_job(bpn_hub *hub, const char *id, size_t len,
+                                  int *err) {
+    bpn_job *job = find_job(hub, id, len);
+    if (job) return job;
+    if (hub->closed) {
+        *err = BPN_ECLOSED;
+        return NULL;
+    }
+    if (hub->jobs.count >= hub->max_channels) {
+        *err = BPN_ELIMIT;
+        return NULL;
+    }
+    job = calloc(1, sizeof(*job) + len + 1);
+    if (!job) goto nomem;
+    job->ring = calloc(hub->capacity, sizeof(*job->ring));
+    if (!job->ring) goto nomem;
+    memcpy(job->id, id, len);
+    job->id_len = len;
+    job->next_seq = 1;
+    job->refs = 1;
+    job->in_table = 1;
+    job->node.key = job->id;
+    job->node.klen = len;
+    bpn_map_insert(&hub->jobs, &job->node);
+    return job;
+nomem:
+    free(job);
+    *err = BPN_ENOMEM;
+    return NULL;
+}
+
+int bpn_hub_register(bpn_hub *hub, const char *id, size_t len,
+                     char token_out[BPN_TOKEN_HEX_LEN]) {
+    int err = BPN_OK;
+    char token[BPN_TOKEN_HEX_LEN];
+    if (bpn_token_new(token) < 0) return BPN_ESYS;
+    bpn_hub_lock(hub);
+    bpn_job *job = get_or_create_job(hub, id, len, &err);
+    if (job) {
+        memcpy(job->token, token, sizeof(token));
+        job->has_token = 1;
+        memcpy(token_out, token, sizeof(token));
+    }
+    bpn_hub_unlock(hub);
+    return err;
+}
+
+int bpn_hub_check_token(bpn_hub *hub, const char *id, size_t len,
+                        const char *token, size_t token_len) {
+    int ok = 0;
+    bpn_hub_lock(hub);
+    bpn_job *job = find_job(hub, id, len);
+    if (job && job->has_token)
+        ok = bpn_token_equal(job->token, token, token_len);
+    bpn_hub_unlock(hub);
+    return ok;
+}
+
+size_t bpn_hub_active(bpn_hub *hub) {
+    bpn_hub_lock(hub);
+    size_t n = hub->jobs.count;
+    bpn_hub_unlock(hub);
+    return n;
+}
+
+/* ---- wakers ------------------------------------------------------------- */
+
+static void waker_signal_locked(bpn_waker *w) {
+    if (w->armed) return;
+    w->armed = 1;
+    uint64_t one = 1;
+    /* EAGAIN means the counter is already non-zero: the loop will wake. */
+    ssize_t rc = write(w->fd, &one, sizeof(one));
+    (void)rc;
+}
+
+static void mark_ready_locked(bpn_sub *s) {
+    if (s->ready) return;
+    bpn_waker *w = s->waker;
+    s->ready = 1;
+    s->rnext = NULL;
+    s->rprev = w->ready_tail;
+    if (w->ready_tail)
+        w->ready_tail->rnext = s;
+    else
+        w->ready_head = s;
+    w->ready_tail = s;
+    waker_signal_locked(w);
+}
+
+static void unmark_ready_locked(bpn_sub *s) {
+    if (!s->ready) return;
+    bpn_waker *w = s->waker;
+    if (s->rprev)
+        s->rprev->rnext = s->rnext;
+    else
+        w->ready_head = s->rnext;
+    if (s->rnext)
+        s->rnext->rprev = s->rprev;
+    else
+        w->ready_tail = s->rprev;
+    s->rprev = s->rnext = NULL;
+    s->ready = 0;
+}
+
+bpn_waker *bpn_waker_new(bpn_hub *hub) {
+    bpn_waker *w = calloc(1, sizeof(*w));
+    if (!w) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    w->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->fd < 0) {
+        free(w);
+        return NULL;
+    }
+    w->hub = hub;
+    bpn_hub_lock(hub);
+    w->next = hub->wakers;
+    if (hub->wakers) hub->wakers->prev = w;
+    hub->wakers = w;
+    bpn_hub_unlock(hub);
+    return w;
+}
+
+void bpn_waker_free(bpn_waker *w) {
+    if (!w) return;
+    bpn_hub *hub = w->hub;
+    bpn_hub_lock(hub);
+    if (w->prev)
+        w->prev->next = w->next;
+    else
+        hub->wakers = w->next;
+    if (w->next) w->next->prev = w->prev;
+    bpn_hub_unlock(hub);
+    close(w->fd);
+    free(w);
+}
+
+int bpn_waker_fd(const bpn_waker *w) { return w->fd; }
+
+void bpn_waker_want_drain(bpn_waker *w, int on) {
+    bpn_hub_lock(w->hub);
+    w->want_drain = on;
+    if (!on) w->drained = 0;
+    bpn_hub_unlock(w->hub);
+}
+
+int bpn_waker_take(bpn_waker *w, void (*fn)(void *user, void *arg), void *arg) {
+    uint64_t value;
+    ssize_t rc = read(w->fd, &value, sizeof(value));
+    (void)rc;
+    bpn_hub_lock(w->hub);
+    w->armed = 0;
+    bpn_sub *s = w->ready_head;
+    while (s) {
+        bpn_sub *next = s->rnext;
+        s->ready = 0;
+        s->rprev = s->rnext = NULL;
+        fn(s->user, arg);
+        s = next;
+    }
+    w->ready_head = w->ready_tail = NULL;
+    int drained = w->drained;
+    w->drained = 0;
+    bpn_hub_unlock(w->hub);
+    return drained;
+}
+
+void bpn_hub_signal_drained(bpn_hub *hub) {
+    bpn_hub_lock(hub);
+    for (bpn_waker *w = hub->wakers; w; w = w->next) {
+        if (!w->want_drain) continue;
+        w->drained = 1;
+        waker_signal_locked(w);
+    }
+    bpn_hub_unlock(hub);
+}
+
+/* ---- publish ------------------------------------------------------------ */
+
+void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
+                            bpn_event *ev) {
+    bpn_job *job = find_job(hub, id, len);
+    if (!job) return;
+    ev->seq = job->next_seq++;
+    size_t slot = (size_t)(ev->seq % hub->capacity);
+    bpn_event_unref(job->ring[slot]); /* the oldest, when the ring is full */
+    job->ring[slot] = bpn_event_ref(ev);
+    if (job->count < hub->capacity) job->count++;
+    for (bpn_sub *s = job->subs; s; s = s->next) mark_ready_locked(s);
+    if (BPN_STATUS_IS_TERMINAL(ev->status)) {
+        job->terminal = 1;
+        job->has_token = 0;
+        bpn_map_remove(&hub->jobs, &job->node);
+        job->in_table = 0;
+        job_unref(hub, job);
+    }
+}
+
+static void wake_job_subs(bpn_map_node *node, void *arg) {
+    (void)arg;
+    bpn_job *job = BPN_CONTAINER_OF(node, bpn_job, node);
+    for (bpn_sub *s = job->subs; s; s = s->next) mark_ready_locked(s);
+}
+
+void bpn_hub_close(bpn_hub *hub) {
+    bpn_hub_lock(hub);
+    hub->closed = 1;
+    bpn_map_each(&hub->jobs, wake_job_subs, NULL);
+    bpn_hub_unlock(hub);
+}
+
+/* ---- subscribers -------------------------------------------------------- */
+
+int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, bpn_waker *w,
+                void *user, bpn_sub **out) {
+    int err = BPN_OK;
+    bpn_sub *s = calloc(1, sizeof(*s));
+    if (!s) return BPN_ENOMEM;
+    bpn_hub_lock(hub);
+    bpn_job *job = get_or_create_job(hub, id, len, &err);
+    if (!job) goto exit;
+    job->refs++;
+    s->job = job;
+    s->waker = w;
+    s->user = user;
+    s->cursor = job->next_seq;
+    s->next = job->subs;
+    if (job->subs) job->subs->prev = s;
+    job->subs = s;
+exit:
+    bpn_hub_unlock(hub);
+    if (err != BPN_OK) {
+        free(s);
+        s = NULL;
+    }
+    *out = s;
+    return err;
+}
+
+void bpn_sub_free(bpn_sub *s) {
+    if (!s) return;
+    bpn_hub *hub = s->waker->hub;
+    bpn_hub_lock(hub);
+    unmark_ready_locked(s);
+    bpn_job *job = s->job;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        job->subs = s->next;
+    if (s->next) s->next->prev = s->prev;
+    job_unref(hub, job);
+    bpn_hub_unlock(hub);
+    free(s);
+}
+
+bpn_pull_result bpn_sub_pull(bpn_sub *s, bpn_event **out, size_t max) {
+    bpn_pull_result r = {0, 0, 0};
+    bpn_hub *hub = s->waker->hub;
+    bpn_hub_lock(hub);
+    bpn_job *job = s->job;
+    uint64_t oldest = job->next_seq - job->count;
+    if (s->cursor < oldest) {
+        r.skipped = oldest - s->cursor;
+        s->cursor = oldest;
+    }
+    while (r.n < max && s->cursor < job->next_seq) {
+        out[r.n++] = bpn_event_ref(job->ring[s->cursor % hub->capacity]);
+        s->cursor++;
+    }
+    r.ended = s->cursor == job->next_seq && (job->terminal || hub->closed);
+    bpn_hub_unlock(hub);
+    return r;
+}

@@ -1,0 +1,58 @@
+#include "common.h"
+
+#include <errno.h>
+#include <sys/random.h>
+#include <time.h>
+
+uint64_t bpn_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+int64_t bpn_wall_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec;
+}
+
+double bpn_wall_f(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int bpn_random_bytes(void *buf, size_t n) {
+    uint8_t *p = buf;
+    while (n > 0) {
+        ssize_t got = getrandom(p, n, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += got;
+        n -= (size_t)got;
+    }
+    return 0;
+}
+
+void bpn_hex_encode(char *dst, const uint8_t *src, size_t n) {
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        dst[2 * i] = digits[src[i] >> 4];
+        dst[2 * i + 1] = digits[src[i] & 0x0f];
+    }
+}
+
+const char *bpn_strerror(int err) {
+    switch (err) {
+        case BPN_OK: return "success";
+        case BPN_ENOMEM: return "out of memory";
+        case BPN_EINVAL: return "invalid argument";
+        case BPN_ECLOSED: return "notifier is closed";
+        case BPN_ELIMIT: return "channel limit reached";
+        case BPN_ESYS: return "system call failed";
+        case BPN_ECURL: return "libcurl initialisation failed";
+        default: return "unknown error";
+    }
+}

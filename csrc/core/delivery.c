@@ -1,0 +1,991 @@
+#include "delivery.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "common.h"
+#include "map.h"
+#include "netguard.h"
+#include "sign.h"
+#include "url.h"
+
+#define ERR_MAX 320
+#define LOG_RING 128
+
+enum { LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
+
+/* ---- types -------------------------------------------------------------- */
+
+/* One webhook delivery of one event to one URL. */
+typedef struct dlv {
+    struct dlv *next;
+    bpn_event *ev;
+    uint64_t id;
+    uint32_t attempts;
+    double failed_at;
+    size_t job_len, url_len;
+    const char *job_id;      /* key of the lane: job_id '\0' url */
+    const char *url;
+    const char *origin;
+    char last_error[ERR_MAX];
+    char strs[];
+} dlv;
+
+typedef struct host host;
+typedef struct transfer transfer;
+
+enum lane_state { LANE_READY, LANE_BLOCKED, LANE_FLIGHT, LANE_WAIT };
+
+/* Deliveries for one (job, url), in order; only the head is ever active. */
+typedef struct lane {
+    bpn_map_node node;
+    host *host;
+    dlv *head, *tail;
+    enum lane_state state;
+    transfer *xfer;          /* when in flight */
+    struct lane *qnext;      /* in the ready or a host's blocked FIFO */
+    uint64_t due_ms;         /* when waiting for a retry */
+    char key[];
+} lane;
+
+/* Connection accounting per origin. */
+struct host {
+    bpn_map_node node;
+    unsigned refs;           /* lanes pointing here */
+    unsigned inflight;
+    lane *blocked_head, *blocked_tail;
+    char key[];
+};
+
+/* A pooled easy handle and the state of its current attempt. */
+struct transfer {
+    transfer *next_free;
+    CURL *easy;
+    struct curl_slist *headers;
+    lane *lane;
+    bpn_delivery *d;
+    size_t body_bytes;
+    int capped;
+    const char *refused;     /* netguard reason, static */
+    char refused_addr[64];
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+typedef bpn_log_record log_rec;
+
+struct bpn_delivery {
+    /* Immutable after creation. */
+    bpn_delivery_config cfg;
+    uint8_t *secret;
+    char *user_agent;
+    void (*on_drained)(void *);
+    void *drained_arg;
+
+    /* Shared with callers, under mu. */
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    dlv *submit_head, *submit_tail;
+    int wake_posted;
+    int stop;
+    int thread_started, joined;
+    uint64_t next_id;
+    bpn_delivery_stats stats;
+    dlv **dead;              /* ring of cfg.max_dead_letters */
+    size_t dead_start, dead_count;
+    log_rec logs[LOG_RING];
+    size_t log_start, log_count;
+    uint64_t logs_dropped;
+    atomic_int has_logs;
+
+    /* Owned by the delivery thread alone. */
+    pthread_t thread;
+    CURLM *multi;
+    bpn_signer *signer;
+    bpn_map lanes;
+    bpn_map hosts;
+    lane *ready_head, *ready_tail;
+    lane **heap;             /* lanes waiting for a retry, by due_ms */
+    size_t heap_len, heap_cap;
+    transfer *pool;
+    unsigned inflight;
+    uint64_t done_unpublished;
+    uint64_t rng;
+};
+
+/* ---- small helpers ------------------------------------------------------ */
+
+uint64_t bpn_backoff_ms(uint64_t base, uint32_t n, uint64_t cap,
+                        uint64_t rnd) {
+    uint32_t shift = n > 0 ? n - 1 : 0;
+    uint64_t delay;
+    if (base == 0)
+        delay = 0;
+    else if (shift >= 63 || base > (cap >> shift))
+        delay = cap;
+    else
+        delay = base << shift;
+    if (delay > cap) delay = cap;
+    /* Jitter in [0.8, 1.2): spreads retries of many jobs failing together. */
+    uint64_t span = delay / 5 * 2;
+    uint64_t jittered = delay - delay / 5 + (span ? rnd % span : 0);
+    return jittered > cap ? cap : jittered;
+}
+
+static uint64_t next_rand(bpn_delivery *d) {
+    /* xorshift64*: jitter only, not security. */
+    d->rng ^= d->rng >> 12;
+    d->rng ^= d->rng << 25;
+    d->rng ^= d->rng >> 27;
+    return d->rng * 0x2545F4914F6CDD1DULL;
+}
+
+static void log_locked(bpn_delivery *d, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void log_locked(bpn_delivery *d, int level, const char *fmt, ...) {
+    if (d->log_count == LOG_RING) {
+        d->logs_dropped++;
+        return;
+    }
+    log_rec *r = &d->logs[(d->log_start + d->log_count) % LOG_RING];
+    r->level = level;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->msg, sizeof(r->msg), fmt, ap);
+    va_end(ap);
+    d->log_count++;
+    atomic_store_explicit(&d->has_logs, 1, memory_order_release);
+}
+
+static void dlv_free(dlv *x) {
+    if (!x) return;
+    bpn_event_unref(x->ev);
+    free(x);
+}
+
+/* Moves a finished-with-failure delivery to the dead-letter ring. */
+static void dead_letter_locked(bpn_delivery *d, dlv *x) {
+    x->failed_at = bpn_wall_f();
+    x->next = NULL;
+    d->stats.dead_lettered++;
+    log_locked(d, LOG_ERROR,
+               "webhook dead-lettered after %" PRIu32
+               " attempt(s): job_id=%s url=%s error=%s",
+               x->attempts, x->job_id, x->url, x->last_error);
+    if (d->cfg.max_dead_letters == 0) {
+        d->stats.evicted++;
+        dlv_free(x);
+        return;
+    }
+    if (d->dead_count == d->cfg.max_dead_letters) {
+        dlv_free(d->dead[d->dead_start]);
+        d->dead_start = (d->dead_start + 1) % d->cfg.max_dead_letters;
+        d->dead_count--;
+        d->stats.evicted++;
+    }
+    d->dead[(d->dead_start + d->dead_count) % d->cfg.max_dead_letters] = x;
+    d->dead_count++;
+}
+
+/* ---- lanes, hosts and the retry heap (delivery thread) ------------------ */
+
+static void ready_push(bpn_delivery *d, lane *l) {
+    l->state = LANE_READY;
+    l->qnext = NULL;
+    if (d->ready_tail)
+        d->ready_tail->qnext = l;
+    else
+        d->ready_head = l;
+    d->ready_tail = l;
+}
+
+static lane *ready_pop(bpn_delivery *d) {
+    lane *l = d->ready_head;
+    if (l) {
+        d->ready_head = l->qnext;
+        if (!d->ready_head) d->ready_tail = NULL;
+        l->qnext = NULL;
+    }
+    return l;
+}
+
+static void blocked_push(host *h, lane *l) {
+    l->state = LANE_BLOCKED;
+    l->qnext = NULL;
+    if (h->blocked_tail)
+        h->blocked_tail->qnext = l;
+    else
+        h->blocked_head = l;
+    h->blocked_tail = l;
+}
+
+static lane *blocked_pop(host *h) {
+    lane *l = h->blocked_head;
+    if (l) {
+        h->blocked_head = l->qnext;
+        if (!h->blocked_head) h->blocked_tail = NULL;
+        l->qnext = NULL;
+    }
+    return l;
+}
+
+static void heap_swap(lane **a, size_t i, size_t j) {
+    lane *t = a[i];
+    a[i] = a[j];
+    a[j] = t;
+}
+
+/* Returns 0, or -1 when the heap cannot grow. */
+static int heap_push(bpn_delivery *d, lane *l) {
+    if (d->heap_len == d->heap_cap) {
+        size_t cap = d->heap_cap ? d->heap_cap * 2 : 64;
+        lane **h = realloc(d->heap, cap * sizeof(*h));
+        if (!h) return -1;
+        d->heap = h;
+        d->heap_cap = cap;
+    }
+    size_t i = d->heap_len++;
+    d->heap[i] = l;
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (d->heap[p]->due_ms <= d->heap[i]->due_ms) break;
+        heap_swap(d->heap, p, i);
+        i = p;
+    }
+    l->state = LANE_WAIT;
+    return 0;
+}
+
+static lane *heap_pop(bpn_delivery *d) {
+    if (d->heap_len == 0) return NULL;
+    lane *top = d->heap[0];
+    d->heap[0] = d->heap[--d->heap_len];
+    size_t i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < d->heap_len && d->heap[l]->due_ms < d->heap[m]->due_ms) m = l;
+        if (r < d->heap_len && d->heap[r]->due_ms < d->heap[m]->due_ms) m = r;
+        if (m == i) break;
+        heap_swap(d->heap, i, m);
+        i = m;
+    }
+    return top;
+}
+
+static host *host_get(bpn_delivery *d, const char *origin) {
+    size_t len = strlen(origin);
+    bpn_map_node *n = bpn_map_get(&d->hosts, origin, len);
+    host *h;
+    if (n) {
+        h = BPN_CONTAINER_OF(n, host, node);
+    } else {
+        h = calloc(1, sizeof(*h) + len + 1);
+        if (!h) return NULL;
+        memcpy(h->key, origin, len);
+        h->node.key = h->key;
+        h->node.klen = len;
+        bpn_map_insert(&d->hosts, &h->node);
+    }
+    h->refs++;
+    return h;
+}
+
+static void host_put(bpn_delivery *d, host *h) {
+    if (--h->refs == 0 && h->inflight == 0) {
+        bpn_map_remove(&d->hosts, &h->node);
+        free(h);
+    }
+}
+
+static void lane_free(bpn_delivery *d, lane *l) {
+    bpn_map_remove(&d->lanes, &l->node);
+    host_put(d, l->host);
+    free(l);
+}
+
+/* Appends a submitted delivery to its lane, creating the lane. Returns 0,
+ * or -1 when out of memory (the caller dead-letters x). */
+static int lane_append(bpn_delivery *d, dlv *x) {
+    size_t klen = x->job_len + 1 + x->url_len;
+    bpn_map_node *n = bpn_map_get(&d->lanes, x->job_id, klen);
+    lane *l;
+    if (n) {
+        l = BPN_CONTAINER_OF(n, lane, node);
+        l->tail->next = x;
+        l->tail = x;
+        return 0;
+    }
+    l = calloc(1, sizeof(*l) + klen);
+    if (!l) return -1;
+    l->host = host_get(d, x->origin);
+    if (!l->host) {
+        free(l);
+        return -1;
+    }
+    memcpy(l->key, x->job_id, klen);
+    l->node.key = l->key;
+    l->node.klen = klen;
+    bpn_map_insert(&d->lanes, &l->node);
+    l->head = l->tail = x;
+    ready_push(d, l);
+    return 0;
+}
+
+/* ---- transfers ---------------------------------------------------------- */
+
+static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp) {
+    transfer *t = userp;
+    size_t n = size * nmemb;
+    (void)ptr;
+    t->body_bytes += n;
+    if (t->body_bytes > t->d->cfg.max_response_bytes) {
+        /* The status is already known; stop reading an endless body. */
+        t->capped = 1;
+        return CURL_WRITEFUNC_ERROR;
+    }
+    return n;
+}
+
+static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose,
+                                    struct curl_sockaddr *a) {
+    transfer *t = clientp;
+    if (purpose == CURLSOCKTYPE_IPCXN && !t->d->cfg.allow_private_networks) {
+        const char *why = bpn_netguard_check(&a->addr, a->addrlen);
+        if (why) {
+            t->refused = why;
+            bpn_netguard_format(&a->addr, t->refused_addr,
+                                sizeof(t->refused_addr));
+            return CURL_SOCKET_BAD;
+        }
+    }
+    return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+}
+
+static transfer *transfer_get(bpn_delivery *d) {
+    transfer *t = d->pool;
+    if (t) {
+        d->pool = t->next_free;
+        curl_easy_reset(t->easy);
+    } else {
+        t = calloc(1, sizeof(*t));
+        if (!t) return NULL;
+        t->easy = curl_easy_init();
+        if (!t->easy) {
+            free(t);
+            return NULL;
+        }
+        t->d = d;
+    }
+    t->next_free = NULL;
+    t->lane = NULL;
+    t->body_bytes = 0;
+    t->capped = 0;
+    t->refused = NULL;
+    t->refused_addr[0] = '\0';
+    t->errbuf[0] = '\0';
+    return t;
+}
+
+static void transfer_put(bpn_delivery *d, transfer *t) {
+    curl_slist_free_all(t->headers);
+    t->headers = NULL;
+    t->lane = NULL;
+    t->next_free = d->pool;
+    d->pool = t;
+}
+
+/* Appends "name: value" to the list. Returns the list or NULL. */
+static struct curl_slist *add_header(struct curl_slist *list, const char *fmt,
+                                     ...) __attribute__((format(printf, 2, 3)));
+
+static struct curl_slist *add_header(struct curl_slist *list, const char *fmt,
+                                     ...) {
+    char buf[BPN_JOB_ID_MAX + 64];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    struct curl_slist *next = curl_slist_append(list, buf);
+    if (!next) curl_slist_free_all(list);
+    return next;
+}
+
+/* Signs and starts the head delivery of lane l. Returns 0, or -1 with an
+ * error recorded on the delivery (the caller treats it as a failed
+ * attempt). */
+static int transfer_start(bpn_delivery *d, lane *l) {
+    dlv *x = l->head;
+    char sig[BPN_SIG_HEX_LEN + 1];
+    int64_t ts = bpn_wall_s();
+    transfer *t = NULL;
+    struct curl_slist *h = NULL;
+    if (bpn_signer_hex(d->signer, ts, x->ev->payload, x->ev->payload_len,
+                       sig) < 0) {
+        snprintf(x->last_error, ERR_MAX, "could not sign the payload");
+        goto error;
+    }
+    t = transfer_get(d);
+    if (!t) goto nomem;
+    h = add_header(NULL, "Content-Type: application/json");
+    if (h) h = add_header(h, "X-Webhook-Signature: sha256=%s", sig);
+    if (h) h = add_header(h, "X-Webhook-Timestamp: %lld", (long long)ts);
+    if (h) h = add_header(h, "X-Job-Id: %.*s", (int)x->job_len, x->job_id);
+    if (h) h = add_header(h, "Expect:");
+    if (!h) goto nomem;
+    t->headers = h;
+    t->lane = l;
+    CURL *e = t->easy;
+    curl_easy_setopt(e, CURLOPT_URL, x->url);
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->ev->payload);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE,
+                     (curl_off_t)x->ev->payload_len);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, d->user_agent);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)d->cfg.timeout_ms);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_PROXY, "");
+    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    if (curl_multi_add_handle(d->multi, e) != CURLM_OK) {
+        snprintf(x->last_error, ERR_MAX, "could not start the transfer");
+        goto error;
+    }
+    l->state = LANE_FLIGHT;
+    l->xfer = t;
+    l->host->inflight++;
+    d->inflight++;
+    return 0;
+nomem:
+    snprintf(x->last_error, ERR_MAX, "out of memory starting the transfer");
+error:
+    if (t) transfer_put(d, t);
+    return -1;
+}
+
+/* ---- outcomes ----------------------------------------------------------- */
+
+/* Ends the lane's head delivery: freed when delivered, else dead-lettered
+ * with its last_error. Starts the next delivery of the lane or frees it. */
+static void lane_finish(bpn_delivery *d, lane *l, int delivered) {
+    dlv *x = l->head;
+    l->head = x->next;
+    if (!l->head) l->tail = NULL;
+    d->done_unpublished++;
+    if (delivered) {
+        dlv_free(x);
+    } else {
+        pthread_mutex_lock(&d->mu);
+        dead_letter_locked(d, x);
+        pthread_mutex_unlock(&d->mu);
+    }
+    if (l->head)
+        ready_push(d, l);
+    else
+        lane_free(d, l);
+}
+
+/* Records a failed attempt of the lane's head: retry later or give up. */
+static void attempt_failed(bpn_delivery *d, lane *l, int final) {
+    dlv *x = l->head;
+    if (final || x->attempts > d->cfg.max_retries) {
+        lane_finish(d, l, 0);
+        return;
+    }
+    uint64_t delay = bpn_backoff_ms(d->cfg.retry_base_ms, x->attempts,
+                                    d->cfg.max_retry_delay_ms, next_rand(d));
+    pthread_mutex_lock(&d->mu);
+    log_locked(d, LOG_WARNING,
+               "webhook attempt %" PRIu32 " failed, retrying in %" PRIu64
+               " ms: job_id=%s url=%s error=%s",
+               x->attempts, delay, x->job_id, x->url, x->last_error);
+    pthread_mutex_unlock(&d->mu);
+    l->due_ms = bpn_now_ms() + delay;
+    if (heap_push(d, l) < 0) ready_push(d, l); /* retry now rather than lose it */
+}
+
+/* Takes the transfer off the multi handle and back to the pool. */
+static void transfer_detach(bpn_delivery *d, transfer *t) {
+    lane *l = t->lane;
+    curl_multi_remove_handle(d->multi, t->easy);
+    l->xfer = NULL;
+    l->host->inflight--;
+    d->inflight--;
+    lane *unblocked = blocked_pop(l->host);
+    if (unblocked) ready_push(d, unblocked);
+    transfer_put(d, t);
+}
+
+static void on_done(bpn_delivery *d, CURLMsg *msg) {
+    transfer *t = NULL;
+    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
+    CURLcode code = msg->data.result;
+    lane *l = t->lane;
+    dlv *x = l->head;
+    long status = 0;
+    curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+    int answered = code == CURLE_OK || (code == CURLE_WRITE_ERROR && t->capped);
+    int delivered = answered && status >= 200 && status < 300;
+    int refused = t->refused != NULL;
+    if (refused)
+        snprintf(x->last_error, ERR_MAX,
+                 "refused to connect to %s: %s; webhooks to private and "
+                 "special-purpose networks are blocked (set "
+                 "allow_private_networks=True to allow them)",
+                 t->refused_addr, t->refused);
+    else if (answered && !delivered)
+        snprintf(x->last_error, ERR_MAX, "HTTP %ld", status);
+    else if (!delivered)
+        snprintf(x->last_error, ERR_MAX, "%s%s%s", curl_easy_strerror(code),
+                 t->errbuf[0] ? ": " : "", t->errbuf);
+    transfer_detach(d, t);
+    x->attempts++;
+    pthread_mutex_lock(&d->mu);
+    d->stats.attempts++;
+    if (delivered)
+        d->stats.delivered++;
+    else
+        d->stats.failed_attempts++;
+    pthread_mutex_unlock(&d->mu);
+    if (delivered)
+        lane_finish(d, l, 1);
+    else
+        attempt_failed(d, l, refused);
+}
+
+/* ---- the thread --------------------------------------------------------- */
+
+static void start_ready(bpn_delivery *d) {
+    lane *l;
+    while (d->inflight < d->cfg.max_connections && (l = ready_pop(d))) {
+        if (l->host->inflight >= d->cfg.max_connections_per_host) {
+            blocked_push(l->host, l);
+            continue;
+        }
+        if (transfer_start(d, l) < 0) {
+            l->head->attempts++;
+            pthread_mutex_lock(&d->mu);
+            d->stats.attempts++;
+            d->stats.failed_attempts++;
+            pthread_mutex_unlock(&d->mu);
+            attempt_failed(d, l, 0);
+        }
+    }
+}
+
+static void fire_timers(bpn_delivery *d, uint64_t now) {
+    while (d->heap_len > 0 && d->heap[0]->due_ms <= now)
+        ready_push(d, heap_pop(d));
+}
+
+/* Takes submissions into lanes and publishes finished counts (waking
+ * flush() and drain waiters at zero). Returns 1 when asked to stop. */
+static int sync_with_callers(bpn_delivery *d) {
+    int drained = 0, stop;
+    pthread_mutex_lock(&d->mu);
+    dlv *x = d->submit_head;
+    d->submit_head = d->submit_tail = NULL;
+    d->wake_posted = 0;
+    stop = d->stop;
+    pthread_mutex_unlock(&d->mu);
+    while (x) {
+        dlv *next = x->next;
+        x->next = NULL;
+        if (lane_append(d, x) < 0) {
+            snprintf(x->last_error, ERR_MAX, "out of memory queueing delivery");
+            pthread_mutex_lock(&d->mu);
+            dead_letter_locked(d, x);
+            pthread_mutex_unlock(&d->mu);
+            d->done_unpublished++;
+        }
+        x = next;
+    }
+    if (d->done_unpublished) {
+        pthread_mutex_lock(&d->mu);
+        d->stats.pending -= d->done_unpublished;
+        d->done_unpublished = 0;
+        if (d->stats.pending == 0) {
+            pthread_cond_broadcast(&d->cond);
+            drained = 1;
+        }
+        pthread_mutex_unlock(&d->mu);
+    }
+    if (drained && d->on_drained) d->on_drained(d->drained_arg);
+    return stop;
+}
+
+/* Dead-letters every delivery of a lane because the notifier closed. */
+static void abandon_lane(bpn_map_node *node, void *arg) {
+    bpn_delivery *d = arg;
+    lane *l = BPN_CONTAINER_OF(node, lane, node);
+    const char *why = "before the delivery completed";
+    if (l->xfer) {
+        why = "while the delivery was in flight";
+        transfer_detach(d, l->xfer);
+    }
+    for (dlv *x = l->head; x; x = l->head) {
+        char last[ERR_MAX];
+        memcpy(last, x->last_error, sizeof(last));
+        snprintf(x->last_error, ERR_MAX,
+                 "notifier closed %s (%" PRIu32 " attempt(s) made%s%.200s)",
+                 why, x->attempts, x->attempts ? "; last error: " : "",
+                 x->attempts ? last : "");
+        why = "before the delivery completed";
+        l->head = x->next;
+        d->done_unpublished++;
+        pthread_mutex_lock(&d->mu);
+        dead_letter_locked(d, x);
+        pthread_mutex_unlock(&d->mu);
+    }
+    l->tail = NULL;
+    bpn_map_remove(&d->lanes, &l->node);
+    host_put(d, l->host);
+    free(l);
+}
+
+static void *run(void *arg) {
+    bpn_delivery *d = arg;
+    while (!sync_with_callers(d)) {
+        fire_timers(d, bpn_now_ms());
+        start_ready(d);
+        int running = 0;
+        curl_multi_perform(d->multi, &running);
+        CURLMsg *msg;
+        int left;
+        while ((msg = curl_multi_info_read(d->multi, &left)))
+            if (msg->msg == CURLMSG_DONE) on_done(d, msg);
+        /* Publish finished work and start the next at once. */
+        if (d->done_unpublished || d->ready_head) continue;
+        int timeout = 1000;
+        if (d->heap_len > 0) {
+            uint64_t now = bpn_now_ms(), due = d->heap[0]->due_ms;
+            timeout = due <= now ? 0 : due - now < 1000 ? (int)(due - now) : 1000;
+        }
+        curl_multi_poll(d->multi, NULL, 0, timeout, NULL);
+    }
+    /* Stop: everything still queued becomes a dead letter. The last sync
+     * took every submission: the hub refuses new ones before stop is set. */
+    bpn_map_each(&d->lanes, abandon_lane, d);
+    d->ready_head = d->ready_tail = NULL;
+    d->heap_len = 0;
+    sync_with_callers(d);
+    return NULL;
+}
+
+/* ---- public API --------------------------------------------------------- */
+
+int bpn_delivery_new(const bpn_delivery_config *cfg,
+                     void (*on_drained)(void *), void *arg,
+                     bpn_delivery **out, char *err, size_t errlen) {
+    int rc = BPN_ENOMEM;
+    sigset_t all, old;
+    bpn_delivery *d = calloc(1, sizeof(*d));
+    *out = NULL;
+    if (!d) goto error;
+    d->cfg = *cfg;
+    d->on_drained = on_drained;
+    d->drained_arg = arg;
+    d->secret = malloc(cfg->secret_len ? cfg->secret_len : 1);
+    d->user_agent = strdup(cfg->user_agent ? cfg->user_agent : "");
+    if (!d->secret || !d->user_agent) goto error;
+    memcpy(d->secret, cfg->secret, cfg->secret_len);
+    d->cfg.secret = d->secret;
+    d->cfg.user_agent = d->user_agent;
+    if (cfg->max_dead_letters) {
+        d->dead = calloc(cfg->max_dead_letters, sizeof(*d->dead));
+        if (!d->dead) goto error;
+    }
+    if (bpn_random_bytes(&d->rng, sizeof(d->rng)) < 0) {
+        rc = BPN_ESYS;
+        goto error;
+    }
+    d->rng |= 1;
+    if (bpn_map_init(&d->lanes) < 0 || bpn_map_init(&d->hosts) < 0) goto error;
+    if (pthread_mutex_init(&d->mu, NULL) != 0) goto error;
+    if (pthread_cond_init(&d->cond, NULL) != 0) {
+        pthread_mutex_destroy(&d->mu);
+        goto error;
+    }
+    rc = BPN_ECURL;
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        snprintf(err, errlen, "curl_global_init failed");
+        goto error_sync;
+    }
+    d->signer = bpn_signer_new(d->secret, cfg->secret_len);
+    d->multi = curl_multi_init();
+    if (!d->signer || !d->multi) {
+        snprintf(err, errlen, "could not create the HMAC signer or curl multi");
+        goto error_curl;
+    }
+    curl_multi_setopt(d->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS,
+                      (long)cfg->max_connections);
+    curl_multi_setopt(d->multi, CURLMOPT_MAX_HOST_CONNECTIONS,
+                      (long)cfg->max_connections_per_host);
+    curl_multi_setopt(d->multi, CURLMOPT_MAXCONNECTS,
+                      (long)cfg->max_connections);
+    /* The thread must not take signals meant for the interpreter. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int prc = pthread_create(&d->thread, NULL, run, d);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (prc != 0) {
+        rc = BPN_ESYS;
+        errno = prc;
+        snprintf(err, errlen, "could not start the delivery thread: %s",
+                 strerror(prc));
+        goto error_curl;
+    }
+    d->thread_started = 1;
+    *out = d;
+    return BPN_OK;
+error_curl:
+    curl_multi_cleanup(d->multi);
+    bpn_signer_free(d->signer);
+    curl_global_cleanup();
+error_sync:
+    pthread_cond_destroy(&d->cond);
+    pthread_mutex_destroy(&d->mu);
+error:
+    if (rc == BPN_ENOMEM) snprintf(err, errlen, "out of memory");
+    if (d) {
+        bpn_map_fini(&d->lanes);
+        bpn_map_fini(&d->hosts);
+        free(d->dead);
+        free(d->secret);
+        free(d->user_agent);
+        free(d);
+    }
+    return rc;
+}
+
+int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
+                        const char *url, size_t url_len, const char *origin,
+                        bpn_event *ev) {
+    size_t olen = strlen(origin);
+    dlv *x = malloc(sizeof(*x) + job_len + 1 + url_len + 1 + olen + 1);
+    if (!x) return BPN_ENOMEM;
+    char *p = x->strs;
+    memcpy(p, job_id, job_len);
+    p[job_len] = '\0';
+    x->job_id = p;
+    p += job_len + 1;
+    memcpy(p, url, url_len);
+    p[url_len] = '\0';
+    x->url = p;
+    p += url_len + 1;
+    memcpy(p, origin, olen + 1);
+    x->origin = p;
+    x->job_len = job_len;
+    x->url_len = url_len;
+    x->next = NULL;
+    x->attempts = 0;
+    x->failed_at = 0;
+    x->last_error[0] = '\0';
+    int wake = 0;
+    pthread_mutex_lock(&d->mu);
+    if (d->stop) {
+        pthread_mutex_unlock(&d->mu);
+        free(x);
+        return BPN_ECLOSED;
+    }
+    x->ev = bpn_event_ref(ev);
+    x->id = ++d->next_id;
+    if (d->submit_tail)
+        d->submit_tail->next = x;
+    else
+        d->submit_head = x;
+    d->submit_tail = x;
+    d->stats.submitted++;
+    d->stats.pending++;
+    if (!d->wake_posted) {
+        d->wake_posted = 1;
+        wake = 1;
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (wake) curl_multi_wakeup(d->multi);
+    return BPN_OK;
+}
+
+/* Waits on the condition until pending is zero or the deadline passes.
+ * Called with d->mu held. */
+static int wait_drained_locked(bpn_delivery *d, int64_t timeout_ms) {
+    struct timespec deadline;
+    if (timeout_ms >= 0) {
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    while (d->stats.pending > 0) {
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&d->cond, &d->mu);
+        } else if (pthread_cond_timedwait(&d->cond, &d->mu, &deadline) ==
+                   ETIMEDOUT) {
+            break;
+        }
+    }
+    return d->stats.pending == 0;
+}
+
+int bpn_delivery_flush(bpn_delivery *d, int64_t timeout_ms) {
+    pthread_mutex_lock(&d->mu);
+    int ok = wait_drained_locked(d, timeout_ms);
+    pthread_mutex_unlock(&d->mu);
+    return ok;
+}
+
+void bpn_delivery_close(bpn_delivery *d, int64_t timeout_ms) {
+    pthread_mutex_lock(&d->mu);
+    if (d->joined || d->stop) {
+        /* Another close is (or was) joining; wait for its end. */
+        wait_drained_locked(d, -1);
+        pthread_mutex_unlock(&d->mu);
+        return;
+    }
+    wait_drained_locked(d, timeout_ms);
+    d->stop = 1;
+    pthread_mutex_unlock(&d->mu);
+    curl_multi_wakeup(d->multi);
+    pthread_join(d->thread, NULL);
+    pthread_mutex_lock(&d->mu);
+    d->joined = 1;
+    pthread_mutex_unlock(&d->mu);
+}
+
+void bpn_delivery_free(bpn_delivery *d) {
+    if (!d) return;
+    if (d->thread_started && !d->joined) bpn_delivery_close(d, 0);
+    for (transfer *t = d->pool; t;) {
+        transfer *next = t->next_free;
+        curl_easy_cleanup(t->easy);
+        free(t);
+        t = next;
+    }
+    curl_multi_cleanup(d->multi);
+    bpn_signer_free(d->signer);
+    curl_global_cleanup();
+    bpn_delivery_clear_dead(d);
+    bpn_map_fini(&d->lanes);
+    bpn_map_fini(&d->hosts);
+    free(d->heap);
+    free(d->dead);
+    free(d->secret);
+    free(d->user_agent);
+    pthread_cond_destroy(&d->cond);
+    pthread_mutex_destroy(&d->mu);
+    free(d);
+}
+
+void bpn_delivery_stats_get(bpn_delivery *d, bpn_delivery_stats *out) {
+    pthread_mutex_lock(&d->mu);
+    *out = d->stats;
+    pthread_mutex_unlock(&d->mu);
+}
+
+void bpn_dead_letters_free(bpn_dead_letter *arr, size_t n) {
+    if (!arr) return;
+    for (size_t i = 0; i < n; i++) {
+        free(arr[i].job_id);
+        free(arr[i].url);
+        free(arr[i].last_error);
+        bpn_event_unref(arr[i].ev);
+    }
+    free(arr);
+}
+
+int bpn_delivery_dead_snapshot(bpn_delivery *d, bpn_dead_letter **out,
+                               size_t *n) {
+    int rc = BPN_OK;
+    pthread_mutex_lock(&d->mu);
+    size_t count = d->dead_count;
+    bpn_dead_letter *arr = calloc(count ? count : 1, sizeof(*arr));
+    if (!arr) {
+        rc = BPN_ENOMEM;
+        count = 0;
+        goto exit;
+    }
+    for (size_t i = 0; i < count; i++) {
+        dlv *x = d->dead[(d->dead_start + i) % d->cfg.max_dead_letters];
+        bpn_dead_letter *v = &arr[i];
+        v->id = x->id;
+        v->job_len = x->job_len;
+        v->attempts = x->attempts;
+        v->failed_at = x->failed_at;
+        v->job_id = strdup(x->job_id);
+        v->url = strdup(x->url);
+        v->last_error = strdup(x->last_error);
+        v->ev = bpn_event_ref(x->ev);
+        if (!v->job_id || !v->url || !v->last_error) {
+            bpn_dead_letters_free(arr, i + 1);
+            arr = NULL;
+            count = 0;
+            rc = BPN_ENOMEM;
+            goto exit;
+        }
+    }
+exit:
+    pthread_mutex_unlock(&d->mu);
+    *out = arr;
+    *n = count;
+    return rc;
+}
+
+void bpn_delivery_clear_dead(bpn_delivery *d) {
+    pthread_mutex_lock(&d->mu);
+    for (size_t i = 0; i < d->dead_count; i++)
+        dlv_free(d->dead[(d->dead_start + i) % d->cfg.max_dead_letters]);
+    d->dead_start = d->dead_count = 0;
+    pthread_mutex_unlock(&d->mu);
+}
+
+int bpn_delivery_has_logs(bpn_delivery *d) {
+    return atomic_load_explicit(&d->has_logs, memory_order_acquire);
+}
+
+int bpn_delivery_take_logs(bpn_delivery *d, bpn_log_record **out, size_t *n) {
+    int rc = BPN_OK;
+    pthread_mutex_lock(&d->mu);
+    size_t count = d->log_count + (d->logs_dropped ? 1 : 0);
+    log_rec *arr = malloc((count ? count : 1) * sizeof(*arr));
+    if (!arr) {
+        rc = BPN_ENOMEM;
+        count = 0;
+        goto exit;
+    }
+    for (size_t i = 0; i < d->log_count; i++)
+        arr[i] = d->logs[(d->log_start + i) % LOG_RING];
+    if (d->logs_dropped) {
+        arr[count - 1].level = LOG_WARNING;
+        snprintf(arr[count - 1].msg, sizeof(arr[count - 1].msg),
+                 "%" PRIu64 " delivery log records were dropped (log ring full)",
+                 d->logs_dropped);
+    }
+    d->log_start = d->log_count = 0;
+    d->logs_dropped = 0;
+    atomic_store_explicit(&d->has_logs, 0, memory_order_release);
+exit:
+    pthread_mutex_unlock(&d->mu);
+    *out = arr;
+    *n = count;
+    return rc;
+}

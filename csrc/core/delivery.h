@@ -1,0 +1,105 @@
+/* The webhook delivery engine: one native thread that owns one libcurl
+ * multi handle. Other threads only submit (under d->mu) and wake it with
+ * curl_multi_wakeup. Per (job, url) lane at most one delivery is in flight,
+ * which keeps per-job order; lanes of different jobs run in parallel up to
+ * the connection limits. Failed attempts are retried with capped,
+ * jittered exponential backoff and re-signed each time; what cannot be
+ * delivered is dead-lettered. The thread never calls into Python. */
+#ifndef BPN_DELIVERY_H
+#define BPN_DELIVERY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "event.h"
+
+typedef struct {
+    const uint8_t *secret;
+    size_t secret_len;
+    uint32_t max_retries;        /* extra attempts after the first */
+    uint64_t retry_base_ms;
+    uint64_t max_retry_delay_ms; /* cap of one backoff delay */
+    uint64_t timeout_ms;         /* whole attempt, connect included */
+    size_t max_dead_letters;
+    int allow_private_networks;
+    unsigned max_connections;
+    unsigned max_connections_per_host;
+    size_t max_response_bytes;
+    const char *user_agent;
+} bpn_delivery_config;
+
+typedef struct bpn_delivery bpn_delivery;
+
+/* A copy of a dead letter, owned by whoever took the snapshot. */
+typedef struct {
+    uint64_t id;
+    char *job_id;
+    size_t job_len;
+    char *url;
+    uint32_t attempts;
+    char *last_error;
+    bpn_event *ev;      /* ev->payload is the exact body sent */
+    double failed_at;   /* wall clock, seconds */
+} bpn_dead_letter;
+
+typedef struct {
+    int level;          /* Python logging's numbers */
+    char msg[512];
+} bpn_log_record;
+
+typedef struct {
+    uint64_t submitted;
+    uint64_t delivered;
+    uint64_t dead_lettered;
+    uint64_t evicted;   /* dead letters dropped by the cap */
+    uint64_t attempts;
+    uint64_t failed_attempts;
+    uint64_t pending;
+} bpn_delivery_stats;
+
+/* Creates the engine and starts its thread. on_drained(arg) is called from
+ * the delivery thread, with no lock held, each time the pending count
+ * returns to zero. Returns 0 and sets *out, or an error with a message. */
+int bpn_delivery_new(const bpn_delivery_config *cfg,
+                     void (*on_drained)(void *), void *arg,
+                     bpn_delivery **out, char *err, size_t errlen);
+
+/* Stops the thread (if running) and frees everything, dead letters too. */
+void bpn_delivery_free(bpn_delivery *d);
+
+/* Queues a delivery of ev's payload. origin comes from bpn_url_check. Takes
+ * a reference to ev. Any thread; never blocks beyond d->mu. Returns 0,
+ * BPN_ECLOSED or BPN_ENOMEM. */
+int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
+                        const char *url, size_t url_len, const char *origin,
+                        bpn_event *ev);
+
+/* Waits until no delivery is pending or timeout_ms passes (negative: no
+ * limit). Returns 1 if drained. Blocks: call without the GIL. */
+int bpn_delivery_flush(bpn_delivery *d, int64_t timeout_ms);
+
+/* Waits up to timeout_ms for pending deliveries, then stops the thread and
+ * dead-letters whatever is left. Blocks: call without the GIL. Idempotent. */
+void bpn_delivery_close(bpn_delivery *d, int64_t timeout_ms);
+
+void bpn_delivery_stats_get(bpn_delivery *d, bpn_delivery_stats *out);
+
+/* Copies the dead letters, oldest first, into a new array (*out, *n).
+ * Returns 0 or BPN_ENOMEM. Free with bpn_dead_letters_free. */
+int bpn_delivery_dead_snapshot(bpn_delivery *d, bpn_dead_letter **out,
+                               size_t *n);
+void bpn_dead_letters_free(bpn_dead_letter *arr, size_t n);
+void bpn_delivery_clear_dead(bpn_delivery *d);
+
+/* Log records produced by the thread, for the host to emit. has_logs is a
+ * cheap unlocked hint; take_logs moves the records into a new array (*out,
+ * *n; free() it) and returns 0 or BPN_ENOMEM (records are kept). */
+int bpn_delivery_has_logs(bpn_delivery *d);
+int bpn_delivery_take_logs(bpn_delivery *d, bpn_log_record **out, size_t *n);
+
+/* Backoff before attempt n+1 after n failed attempts (n >= 1):
+ * min(cap, base * 2^(n-1)) scaled by a jitter factor in [0.8, 1.2), then
+ * capped again. rnd is any uniformly random 64-bit number. */
+uint64_t bpn_backoff_ms(uint64_t base, uint32_t n, uint64_t cap, uint64_t rnd);
+
+#endif

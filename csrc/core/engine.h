@@ -1,0 +1,48 @@
+/* The engine behind one JobNotifier: the channel hub and the delivery
+ * thread, composed so that an event gets its sequence number and its place
+ * in its delivery lane in one critical section (SSE order == webhook
+ * order). */
+#ifndef BPN_ENGINE_H
+#define BPN_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "channel.h"
+#include "delivery.h"
+
+typedef struct {
+    bpn_delivery_config delivery;
+    size_t sse_capacity;
+    size_t max_channels;
+} bpn_engine_config;
+
+typedef struct {
+    bpn_hub hub;
+    bpn_delivery *delivery;
+} bpn_engine;
+
+/* Returns 0 and sets *out, or an error code with a message in err. */
+int bpn_engine_new(const bpn_engine_config *cfg, bpn_engine **out, char *err,
+                   size_t errlen);
+/* Stops the delivery thread if needed and frees everything. Subscribers
+ * and wakers must have been freed first. */
+void bpn_engine_free(bpn_engine *e);
+
+/* Checks a job id: 1..256 bytes, no control characters. Returns 0, or -1
+ * with the reason in err. */
+int bpn_job_id_check(const char *id, size_t len, char *err, size_t errlen);
+
+/* Publishes an event to the job's channel and, when url is not NULL,
+ * queues its webhook delivery (origin from bpn_url_check). Sets *seq to the
+ * event's sequence number (0 when the job has no channel). Returns 0,
+ * BPN_ECLOSED or BPN_ENOMEM. Any thread; never blocks beyond the locks. */
+int bpn_engine_notify(bpn_engine *e, const char *id, size_t len, int status,
+                      const char *json, size_t json_len, const char *url,
+                      size_t url_len, const char *origin, uint64_t *seq);
+
+/* Refuses new events, ends subscriptions, waits up to timeout_ms for
+ * pending deliveries and dead-letters the rest. Blocks; idempotent. */
+void bpn_engine_close(bpn_engine *e, int64_t timeout_ms);
+
+#endif

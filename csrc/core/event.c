@@ -1,0 +1,69 @@
+#include "event.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char payload_head[] = "{\"job_id\":\"";
+static const char payload_mid[] = "\",\"event\":";
+
+/* Number of bytes job_id takes as the inside of a JSON string. */
+static size_t escaped_len(const char *s, size_t n) {
+    size_t out = n;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '"' || s[i] == '\\') out++;
+    return out;
+}
+
+static char *escape_into(char *dst, const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"' || s[i] == '\\') *dst++ = '\\';
+        *dst++ = s[i];
+    }
+    return dst;
+}
+
+bpn_event *bpn_event_new(int status, const char *json, size_t json_len,
+                         const char *job_id, size_t job_len, int with_payload) {
+    size_t payload_len = 0;
+    if (with_payload)
+        payload_len = sizeof(payload_head) - 1 + escaped_len(job_id, job_len) +
+                      sizeof(payload_mid) - 1 + json_len + 1;
+    bpn_event *ev = malloc(sizeof(*ev) + json_len + 1 + payload_len + 1);
+    if (!ev) return NULL;
+    atomic_init(&ev->refs, 1);
+    ev->status = status;
+    ev->seq = 0;
+    char *p = ev->data;
+    memcpy(p, json, json_len);
+    p[json_len] = '\0';
+    ev->json = p;
+    ev->json_len = json_len;
+    p += json_len + 1;
+    ev->payload = NULL;
+    ev->payload_len = 0;
+    if (with_payload) {
+        char *q = p;
+        memcpy(q, payload_head, sizeof(payload_head) - 1);
+        q += sizeof(payload_head) - 1;
+        q = escape_into(q, job_id, job_len);
+        memcpy(q, payload_mid, sizeof(payload_mid) - 1);
+        q += sizeof(payload_mid) - 1;
+        memcpy(q, json, json_len);
+        q += json_len;
+        *q++ = '}';
+        *q = '\0';
+        ev->payload = p;
+        ev->payload_len = payload_len;
+    }
+    return ev;
+}
+
+bpn_event *bpn_event_ref(bpn_event *ev) {
+    atomic_fetch_add_explicit(&ev->refs, 1, memory_order_relaxed);
+    return ev;
+}
+
+void bpn_event_unref(bpn_event *ev) {
+    if (ev && atomic_fetch_sub_explicit(&ev->refs, 1, memory_order_acq_rel) == 1)
+        free(ev);
+}

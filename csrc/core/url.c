@@ -1,0 +1,67 @@
+#include "url.h"
+
+#include <curl/curl.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common.h"
+
+int bpn_url_check(const char *url, size_t len, char origin[BPN_ORIGIN_MAX],
+                  char *err, size_t errlen) {
+    int rc = -1;
+    char *scheme = NULL, *host = NULL, *port = NULL;
+    CURLU *u = NULL;
+    if (len == 0 || len > BPN_URL_MAX) {
+        snprintf(err, errlen, "must be 1 to %d bytes long", BPN_URL_MAX);
+        goto exit;
+    }
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)url[i];
+        if (c <= 0x20 || c == 0x7f) {
+            snprintf(err, errlen,
+                     "must not contain spaces or control characters");
+            goto exit;
+        }
+    }
+    if (strlen(url) != len) {
+        snprintf(err, errlen, "must not contain NUL characters");
+        goto exit;
+    }
+    u = curl_url();
+    if (!u) {
+        snprintf(err, errlen, "out of memory");
+        goto exit;
+    }
+    if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK) {
+        snprintf(err, errlen, "must be an absolute http:// or https:// URL");
+        goto exit;
+    }
+    if (strcasecmp(scheme, "http") != 0 && strcasecmp(scheme, "https") != 0) {
+        snprintf(err, errlen, "scheme must be http or https, not %.32s",
+                 scheme);
+        goto exit;
+    }
+    if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !*host) {
+        snprintf(err, errlen, "must have a host");
+        goto exit;
+    }
+    if (curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) !=
+        CURLUE_OK) {
+        snprintf(err, errlen, "has an invalid port");
+        goto exit;
+    }
+    if ((size_t)snprintf(origin, BPN_ORIGIN_MAX, "%s://%s:%s", scheme, host,
+                         port) >= BPN_ORIGIN_MAX) {
+        snprintf(err, errlen, "host name is too long");
+        goto exit;
+    }
+    rc = 0;
+exit:
+    curl_free(scheme);
+    curl_free(host);
+    curl_free(port);
+    curl_url_cleanup(u);
+    return rc;
+}

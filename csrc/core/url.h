@@ -1,0 +1,16 @@
+/* Webhook URL validation, shared by notify() (to reject bad input at once)
+ * and the delivery engine (to key connection limits by origin). */
+#ifndef BPN_URL_H
+#define BPN_URL_H
+
+#include <stddef.h>
+
+#define BPN_ORIGIN_MAX 512
+
+/* Checks that url is an absolute http(s) URL with a host and no control
+ * characters or spaces, and writes its origin "scheme://host:port" into
+ * origin. Returns 0, or -1 with a reason in err. */
+int bpn_url_check(const char *url, size_t len, char origin[BPN_ORIGIN_MAX],
+                  char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,929 @@
+/* blueprint_notify._core: the CPython binding of the C core.
+ *
+ * Heap types, module state, multi-phase init. Core error codes become
+ * Python exceptions here and nowhere else. The binding calls the core with
+ * the GIL held, except around waits (flush, close), which release it. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include "core/channel.h"
+#include "core/common.h"
+#include "core/engine.h"
+#include "core/netguard.h"
+#include "core/sign.h"
+#include "core/url.h"
+
+#define ERRLEN 256
+/* Longest wait done without checking for signals (Ctrl-C), in ms. */
+#define WAIT_SLICE_MS 100
+
+typedef struct {
+    PyTypeObject *engine_type;
+    PyTypeObject *waker_type;
+    PyTypeObject *subscriber_type;
+    PyObject *channel_limit_error;
+} module_state;
+
+static struct PyModuleDef core_module;
+
+static inline module_state *get_state(PyObject *module) {
+    return (module_state *)PyModule_GetState(module);
+}
+
+static module_state *state_of_type(PyTypeObject *tp) {
+    PyObject *m = PyType_GetModuleByDef(tp, &core_module);
+    return m ? get_state(m) : NULL;
+}
+
+typedef struct {
+    PyObject_HEAD
+    bpn_engine *e;
+    PyObject *log_sink; /* callable(list[(level, msg)]) */
+    int closed;
+} EngineObject;
+
+typedef struct {
+    PyObject_HEAD
+    bpn_waker *w;
+    EngineObject *engine;
+    PyObject *on_drained;
+    Py_ssize_t nsubs; /* subscribers attached; bounds a dispatch batch */
+} WakerObject;
+
+typedef struct {
+    PyObject_HEAD
+    bpn_sub *s;
+    WakerObject *waker;
+    PyObject *on_ready;
+    PyObject *job_id;
+} SubscriberObject;
+
+#define ENGINE_CAST(o) ((EngineObject *)(o))
+#define WAKER_CAST(o) ((WakerObject *)(o))
+#define SUBSCRIBER_CAST(o) ((SubscriberObject *)(o))
+
+/* ---- argument helpers ---------------------------------------------------- */
+
+/* Returns 1 if min <= nargs <= max, else 0 with a TypeError. */
+static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min,
+                       Py_ssize_t max) {
+    if (nargs >= min && nargs <= max) return 1;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd arguments (%zd given)",
+                 name, min, max, nargs);
+    return 0;
+}
+
+/* Borrows the UTF-8 of a str argument, raising TypeError naming the field. */
+static int get_str(PyObject *o, const char *field, const char **s,
+                   Py_ssize_t *n) {
+    if (!PyUnicode_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be str, not %.100s", field,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *s = PyUnicode_AsUTF8AndSize(o, n);
+    return *s ? 0 : -1;
+}
+
+/* Borrows a validated job id (TypeError / ValueError naming job_id). */
+static int get_job_id(PyObject *o, const char **s, Py_ssize_t *n) {
+    char err[ERRLEN];
+    if (get_str(o, "job_id", s, n) < 0) return -1;
+    if (bpn_job_id_check(*s, (size_t)*n, err, sizeof(err)) < 0) {
+        PyErr_Format(PyExc_ValueError, "job_id %s", err);
+        return -1;
+    }
+    return 0;
+}
+
+/* Converts None or a non-negative number of seconds to milliseconds (-1 for
+ * None). Returns 0 or -1 with an exception. */
+static int get_timeout_ms(PyObject *o, int64_t *ms) {
+    if (o == Py_None) {
+        *ms = -1;
+        return 0;
+    }
+    double secs = PyFloat_AsDouble(o);
+    if (secs == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "timeout must be a number or None");
+        return -1;
+    }
+    if (!(secs >= 0.0) || secs > 1e9) {
+        PyErr_SetString(PyExc_ValueError,
+                        "timeout must be a non-negative number of seconds");
+        return -1;
+    }
+    *ms = (int64_t)(secs * 1000.0 + 0.5);
+    return 0;
+}
+
+/* Raises the exception for a core error code; returns NULL. */
+static PyObject *raise_core_error(int rc, PyTypeObject *tp) {
+    module_state *st;
+    switch (rc) {
+        case BPN_ENOMEM:
+            return PyErr_NoMemory();
+        case BPN_ECLOSED:
+            PyErr_SetString(PyExc_RuntimeError, "notifier is closed");
+            return NULL;
+        case BPN_ELIMIT:
+            st = state_of_type(tp);
+            if (st)
+                PyErr_SetString(st->channel_limit_error,
+                                "channel limit reached (max_channels live "
+                                "channels exist and this job has none)");
+            return NULL;
+        case BPN_ESYS:
+            return PyErr_SetFromErrno(PyExc_OSError);
+        default:
+            PyErr_SetString(PyExc_RuntimeError, bpn_strerror(rc));
+            return NULL;
+    }
+}
+
+/* ---- logs ---------------------------------------------------------------- */
+
+/* Hands the delivery thread's log records to the Python sink. Never raises:
+ * a failing sink is reported as unraisable. */
+static void pump_logs(EngineObject *self) {
+    bpn_log_record *recs = NULL;
+    size_t n = 0;
+    PyObject *list = NULL, *res = NULL;
+    if (!self->e || !self->log_sink || !bpn_delivery_has_logs(self->e->delivery))
+        return;
+    if (bpn_delivery_take_logs(self->e->delivery, &recs, &n) != BPN_OK) return;
+    list = PyList_New((Py_ssize_t)n);
+    if (!list) goto error;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *item = Py_BuildValue("(is)", recs[i].level, recs[i].msg);
+        if (!item) goto error;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    res = PyObject_CallOneArg(self->log_sink, list);
+    if (!res) goto error;
+    goto exit;
+error:
+    PyErr_WriteUnraisable(self->log_sink);
+exit:
+    Py_XDECREF(res);
+    Py_XDECREF(list);
+    free(recs);
+}
+
+/* ---- Engine -------------------------------------------------------------- */
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"signing_secret",
+                             "max_retries",
+                             "retry_base_ms",
+                             "max_retry_delay_ms",
+                             "timeout_ms",
+                             "sse_capacity",
+                             "max_channels",
+                             "max_dead_letters",
+                             "allow_private_networks",
+                             "max_connections",
+                             "max_connections_per_host",
+                             "max_response_bytes",
+                             "user_agent",
+                             "log_sink",
+                             NULL};
+    const char *secret = "", *user_agent = "blueprint-notify";
+    Py_ssize_t secret_len = 0;
+    unsigned long long max_retries = 3, base = 1000, max_delay = 300000,
+                       timeout = 10000;
+    Py_ssize_t capacity = 16, max_channels = 10000, max_dead = 1000,
+               max_body = 65536;
+    int allow_private = 0;
+    unsigned int max_conns = 64, max_host = 8;
+    PyObject *log_sink = Py_None;
+    char err[ERRLEN];
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "|$y#KKKKnnnpIInsO", kwlist, &secret, &secret_len,
+            &max_retries, &base, &max_delay, &timeout, &capacity,
+            &max_channels, &max_dead, &allow_private, &max_conns, &max_host,
+            &max_body, &user_agent, &log_sink))
+        return NULL;
+    if (capacity < 1 || max_channels < 0 || max_dead < 0 || max_body < 0 ||
+        max_conns < 1 || max_host < 1 || max_retries > UINT32_MAX ||
+        timeout < 1) {
+        PyErr_SetString(PyExc_ValueError, "engine option out of range");
+        return NULL;
+    }
+    if (log_sink != Py_None && !PyCallable_Check(log_sink)) {
+        PyErr_SetString(PyExc_TypeError, "log_sink must be callable or None");
+        return NULL;
+    }
+    bpn_engine_config cfg = {
+        .delivery =
+            {
+                .secret = (const uint8_t *)secret,
+                .secret_len = (size_t)secret_len,
+                .max_retries = (uint32_t)max_retries,
+                .retry_base_ms = base,
+                .max_retry_delay_ms = max_delay,
+                .timeout_ms = timeout,
+                .max_dead_letters = (size_t)max_dead,
+                .allow_private_networks = allow_private,
+                .max_connections = max_conns,
+                .max_connections_per_host = max_host,
+                .max_response_bytes = (size_t)max_body,
+                .user_agent = user_agent,
+            },
+        .sse_capacity = (size_t)capacity,
+        .max_channels = (size_t)max_channels,
+    };
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    int rc = bpn_engine_new(&cfg, &self->e, err, sizeof(err));
+    if (rc != BPN_OK) {
+        Py_DECREF(self);
+        if (rc == BPN_ENOMEM) return PyErr_NoMemory();
+        PyErr_Format(PyExc_OSError, "could not start the notifier: %s", err);
+        return NULL;
+    }
+    if (log_sink != Py_None) self->log_sink = Py_NewRef(log_sink);
+    return (PyObject *)self;
+}
+
+static int Engine_traverse(PyObject *op, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(ENGINE_CAST(op)->log_sink);
+    return 0;
+}
+
+static int Engine_clear(PyObject *op) {
+    Py_CLEAR(ENGINE_CAST(op)->log_sink);
+    return 0;
+}
+
+static void Engine_dealloc(PyObject *op) {
+    EngineObject *self = ENGINE_CAST(op);
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    if (self->e) {
+        bpn_engine *e = self->e;
+        self->e = NULL;
+        /* Joining the delivery thread needs no Python: let others run. */
+        Py_BEGIN_ALLOW_THREADS bpn_engine_free(e);
+        Py_END_ALLOW_THREADS
+    }
+    Engine_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *Engine_register_job(PyObject *op, PyObject *job) {
+    EngineObject *self = ENGINE_CAST(op);
+    const char *id;
+    Py_ssize_t len;
+    char token[BPN_TOKEN_HEX_LEN];
+    if (get_job_id(job, &id, &len) < 0) return NULL;
+    int rc = bpn_hub_register(&self->e->hub, id, (size_t)len, token);
+    if (rc != BPN_OK) return raise_core_error(rc, Py_TYPE(op));
+    return PyUnicode_FromStringAndSize(token, BPN_TOKEN_HEX_LEN);
+}
+
+static PyObject *Engine_validate_job_token(PyObject *op, PyObject *const *args,
+                                           Py_ssize_t nargs) {
+    EngineObject *self = ENGINE_CAST(op);
+    const char *id, *token;
+    Py_ssize_t len, token_len;
+    if (!check_nargs("validate_job_token", nargs, 2, 2)) return NULL;
+    if (get_str(args[0], "job_id", &id, &len) < 0) return NULL;
+    if (get_str(args[1], "token", &token, &token_len) < 0) return NULL;
+    int ok = bpn_hub_check_token(&self->e->hub, id, (size_t)len, token,
+                                 (size_t)token_len);
+    return PyBool_FromLong(ok);
+}
+
+/* notify(job_id, status, event_json, webhook_url) -> seq */
+static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
+                              Py_ssize_t nargs) {
+    EngineObject *self = ENGINE_CAST(op);
+    const char *id, *url = NULL;
+    Py_ssize_t len, url_len = 0;
+    char origin[BPN_ORIGIN_MAX], err[ERRLEN];
+    uint64_t seq = 0;
+    if (!check_nargs("notify", nargs, 4, 4)) return NULL;
+    if (get_job_id(args[0], &id, &len) < 0) return NULL;
+    long status = PyLong_AsLong(args[1]);
+    if (status == -1 && PyErr_Occurred()) return NULL;
+    if (status < 0 || status >= BPN_STATUS_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "status code out of range");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "event_json must be bytes");
+        return NULL;
+    }
+    if (args[3] != Py_None) {
+        if (get_str(args[3], "webhook_url", &url, &url_len) < 0) return NULL;
+        if (bpn_url_check(url, (size_t)url_len, origin, err, sizeof(err)) < 0) {
+            PyErr_Format(PyExc_ValueError, "webhook_url %s: %R", err, args[3]);
+            return NULL;
+        }
+    }
+    int rc = bpn_engine_notify(self->e, id, (size_t)len, (int)status,
+                               PyBytes_AS_STRING(args[2]),
+                               (size_t)PyBytes_GET_SIZE(args[2]), url,
+                               (size_t)url_len, origin, &seq);
+    if (rc != BPN_OK) return raise_core_error(rc, Py_TYPE(op));
+    pump_logs(self);
+    return PyLong_FromUnsignedLongLong(seq);
+}
+
+static PyObject *Engine_active_channels(PyObject *op, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromSize_t(bpn_hub_active(&ENGINE_CAST(op)->e->hub));
+}
+
+static PyObject *Engine_pending(PyObject *op, PyObject *unused) {
+    bpn_delivery_stats st;
+    (void)unused;
+    bpn_delivery_stats_get(ENGINE_CAST(op)->e->delivery, &st);
+    return PyLong_FromUnsignedLongLong(st.pending);
+}
+
+static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
+    EngineObject *self = ENGINE_CAST(op);
+    bpn_delivery_stats st;
+    (void)unused;
+    pump_logs(self);
+    bpn_delivery_stats_get(self->e->delivery, &st);
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsn}", "submitted", st.submitted, "delivered",
+        st.delivered, "dead_lettered", st.dead_lettered, "dead_letters_evicted",
+        st.evicted, "attempts", st.attempts, "failed_attempts",
+        st.failed_attempts, "pending", st.pending, "active_channels",
+        (Py_ssize_t)bpn_hub_active(&self->e->hub));
+}
+
+static PyObject *Engine_dead_letters(PyObject *op, PyObject *unused) {
+    EngineObject *self = ENGINE_CAST(op);
+    bpn_dead_letter *arr = NULL;
+    size_t n = 0;
+    PyObject *list = NULL;
+    (void)unused;
+    pump_logs(self);
+    if (bpn_delivery_dead_snapshot(self->e->delivery, &arr, &n) != BPN_OK)
+        return PyErr_NoMemory();
+    list = PyList_New((Py_ssize_t)n);
+    if (!list) goto exit;
+    for (size_t i = 0; i < n; i++) {
+        bpn_dead_letter *v = &arr[i];
+        PyObject *item = Py_BuildValue(
+            "(Ks#sIsy#d)", (unsigned long long)v->id, v->job_id,
+            (Py_ssize_t)v->job_len, v->url, (unsigned int)v->attempts,
+            v->last_error, v->ev->payload, (Py_ssize_t)v->ev->payload_len,
+            v->failed_at);
+        if (!item) {
+            Py_CLEAR(list);
+            goto exit;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+exit:
+    bpn_dead_letters_free(arr, n);
+    return list;
+}
+
+static PyObject *Engine_clear_dead_letters(PyObject *op, PyObject *unused) {
+    (void)unused;
+    bpn_delivery_clear_dead(ENGINE_CAST(op)->e->delivery);
+    Py_RETURN_NONE;
+}
+
+/* Waits for the delivery queue to drain, releasing the GIL in slices so
+ * signals are seen. Returns 1 drained, 0 timed out, -1 with an exception. */
+static int wait_drained(EngineObject *self, int64_t timeout_ms) {
+    uint64_t deadline = timeout_ms < 0 ? 0 : bpn_now_ms() + (uint64_t)timeout_ms;
+    for (;;) {
+        int64_t slice = WAIT_SLICE_MS;
+        if (timeout_ms >= 0) {
+            uint64_t now = bpn_now_ms();
+            int64_t left = now >= deadline ? 0 : (int64_t)(deadline - now);
+            if (left < slice) slice = left;
+        }
+        int ok;
+        Py_BEGIN_ALLOW_THREADS ok = bpn_delivery_flush(self->e->delivery, slice);
+        Py_END_ALLOW_THREADS
+        if (ok) return 1;
+        if (PyErr_CheckSignals() < 0) return -1;
+        if (timeout_ms >= 0 && bpn_now_ms() >= deadline) return 0;
+    }
+}
+
+static PyObject *Engine_flush(PyObject *op, PyObject *timeout) {
+    EngineObject *self = ENGINE_CAST(op);
+    int64_t ms;
+    if (get_timeout_ms(timeout, &ms) < 0) return NULL;
+    int ok = wait_drained(self, ms);
+    pump_logs(self);
+    if (ok < 0) return NULL;
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *Engine_close(PyObject *op, PyObject *timeout) {
+    EngineObject *self = ENGINE_CAST(op);
+    int64_t ms;
+    if (get_timeout_ms(timeout, &ms) < 0) return NULL;
+    if (self->closed) Py_RETURN_NONE;
+    self->closed = 1;
+    bpn_hub_close(&self->e->hub); /* refuse new events, end subscriptions */
+    int ok = wait_drained(self, ms);
+    /* Even when interrupted, finish closing: nothing is left half-done. */
+    Py_BEGIN_ALLOW_THREADS bpn_engine_close(self->e, 0);
+    Py_END_ALLOW_THREADS
+    pump_logs(self);
+    if (ok < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_pump_logs(PyObject *op, PyObject *unused) {
+    (void)unused;
+    pump_logs(ENGINE_CAST(op));
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_closed(PyObject *op, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(ENGINE_CAST(op)->closed);
+}
+
+/* subscribe(job_id, waker, on_ready) -> Subscriber */
+static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
+                                  Py_ssize_t nargs) {
+    EngineObject *self = ENGINE_CAST(op);
+    module_state *st = state_of_type(Py_TYPE(op));
+    const char *id;
+    Py_ssize_t len;
+    if (!st) return NULL;
+    if (!check_nargs("subscribe", nargs, 3, 3)) return NULL;
+    if (get_job_id(args[0], &id, &len) < 0) return NULL;
+    if (!PyObject_TypeCheck(args[1], st->waker_type)) {
+        PyErr_SetString(PyExc_TypeError, "waker must be a Waker");
+        return NULL;
+    }
+    WakerObject *waker = WAKER_CAST(args[1]);
+    if (waker->engine != self || !waker->w) {
+        PyErr_SetString(PyExc_ValueError,
+                        "waker is closed or belongs to another engine");
+        return NULL;
+    }
+    if (!PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "on_ready must be callable");
+        return NULL;
+    }
+    SubscriberObject *sub = PyObject_GC_New(SubscriberObject, st->subscriber_type);
+    if (!sub) return NULL;
+    sub->s = NULL;
+    sub->waker = (WakerObject *)Py_NewRef(waker);
+    sub->on_ready = Py_NewRef(args[2]);
+    sub->job_id = Py_NewRef(args[0]);
+    int rc = bpn_sub_new(&self->e->hub, id, (size_t)len, waker->w, sub, &sub->s);
+    if (rc != BPN_OK) {
+        Py_DECREF(sub);
+        return raise_core_error(rc, Py_TYPE(op));
+    }
+    waker->nsubs++;
+    PyObject_GC_Track(sub);
+    return (PyObject *)sub;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"register_job", Engine_register_job, METH_O,
+     "register_job(job_id) -> token"},
+    {"validate_job_token", (PyCFunction)(void (*)(void))Engine_validate_job_token,
+     METH_FASTCALL, "validate_job_token(job_id, token) -> bool"},
+    {"notify", (PyCFunction)(void (*)(void))Engine_notify, METH_FASTCALL,
+     "notify(job_id, status, event_json, webhook_url) -> seq"},
+    {"subscribe", (PyCFunction)(void (*)(void))Engine_subscribe, METH_FASTCALL,
+     "subscribe(job_id, waker, on_ready) -> Subscriber"},
+    {"active_channels", Engine_active_channels, METH_NOARGS, NULL},
+    {"pending", Engine_pending, METH_NOARGS, NULL},
+    {"stats", Engine_stats, METH_NOARGS, NULL},
+    {"dead_letters", Engine_dead_letters, METH_NOARGS, NULL},
+    {"clear_dead_letters", Engine_clear_dead_letters, METH_NOARGS, NULL},
+    {"flush", Engine_flush, METH_O, "flush(timeout) -> bool; releases the GIL"},
+    {"close", Engine_close, METH_O, "close(timeout); releases the GIL"},
+    {"pump_logs", Engine_pump_logs, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"closed", Engine_get_closed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Engine_slots[] = {
+    {Py_tp_new, Engine_new},
+    {Py_tp_dealloc, Engine_dealloc},
+    {Py_tp_traverse, Engine_traverse},
+    {Py_tp_clear, Engine_clear},
+    {Py_tp_methods, Engine_methods},
+    {Py_tp_getset, Engine_getset},
+    {Py_tp_doc, "The native notifier engine (internal)."},
+    {0, NULL},
+};
+
+static PyType_Spec Engine_spec = {
+    .name = "blueprint_notify._core.Engine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Engine_slots,
+};
+
+/* ---- Waker --------------------------------------------------------------- */
+
+static PyObject *Waker_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    module_state *st = state_of_type(type);
+    PyObject *engine, *on_drained;
+    static char *kwlist[] = {"engine", "on_drained", NULL};
+    if (!st) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O", kwlist, st->engine_type,
+                                     &engine, &on_drained))
+        return NULL;
+    if (!PyCallable_Check(on_drained)) {
+        PyErr_SetString(PyExc_TypeError, "on_drained must be callable");
+        return NULL;
+    }
+    WakerObject *self = (WakerObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->engine = (EngineObject *)Py_NewRef(engine);
+    self->on_drained = Py_NewRef(on_drained);
+    self->w = bpn_waker_new(&ENGINE_CAST(engine)->e->hub);
+    if (!self->w) {
+        Py_DECREF(self);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return (PyObject *)self;
+}
+
+static int Waker_traverse(PyObject *op, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(WAKER_CAST(op)->engine);
+    Py_VISIT(WAKER_CAST(op)->on_drained);
+    return 0;
+}
+
+static int Waker_clear(PyObject *op) {
+    /* The engine reference stays until dealloc: subscribers may still use
+     * the native waker, which lives in the engine's hub. */
+    Py_CLEAR(WAKER_CAST(op)->on_drained);
+    return 0;
+}
+
+static void Waker_dealloc(PyObject *op) {
+    WakerObject *self = WAKER_CAST(op);
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    bpn_waker_free(self->w); /* every subscriber holding it is gone */
+    self->w = NULL;
+    Waker_clear(op);
+    Py_CLEAR(self->engine);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *Waker_fileno(PyObject *op, PyObject *unused) {
+    (void)unused;
+    if (!WAKER_CAST(op)->w) {
+        PyErr_SetString(PyExc_ValueError, "waker is closed");
+        return NULL;
+    }
+    return PyLong_FromLong(bpn_waker_fd(WAKER_CAST(op)->w));
+}
+
+typedef struct {
+    PyObject **items;
+    Py_ssize_t n, cap;
+} ready_batch;
+
+/* Called under the hub lock with the GIL held: only takes references. */
+static void collect_ready(void *user, void *arg) {
+    ready_batch *b = arg;
+    if (b->n < b->cap) b->items[b->n++] = Py_NewRef((PyObject *)user);
+}
+
+static PyObject *Waker_dispatch(PyObject *op, PyObject *unused) {
+    WakerObject *self = WAKER_CAST(op);
+    (void)unused;
+    if (!self->w) Py_RETURN_NONE;
+    ready_batch b = {NULL, 0, self->nsubs};
+    b.items = PyMem_Malloc(sizeof(PyObject *) * (size_t)(b.cap ? b.cap : 1));
+    if (!b.items) return PyErr_NoMemory();
+    int drained = bpn_waker_take(self->w, collect_ready, &b);
+    for (Py_ssize_t i = 0; i < b.n; i++) {
+        SubscriberObject *sub = SUBSCRIBER_CAST(b.items[i]);
+        if (sub->on_ready) {
+            PyObject *res = PyObject_CallNoArgs(sub->on_ready);
+            if (res)
+                Py_DECREF(res);
+            else
+                PyErr_WriteUnraisable(sub->on_ready);
+        }
+        Py_DECREF(b.items[i]);
+    }
+    PyMem_Free(b.items);
+    if (drained && self->on_drained) {
+        PyObject *res = PyObject_CallNoArgs(self->on_drained);
+        if (res)
+            Py_DECREF(res);
+        else
+            PyErr_WriteUnraisable(self->on_drained);
+    }
+    pump_logs(self->engine);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Waker_want_drain(PyObject *op, PyObject *flag) {
+    int on = PyObject_IsTrue(flag);
+    if (on < 0) return NULL;
+    if (WAKER_CAST(op)->w) bpn_waker_want_drain(WAKER_CAST(op)->w, on);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Waker_methods[] = {
+    {"fileno", Waker_fileno, METH_NOARGS, "The eventfd to watch."},
+    {"dispatch", Waker_dispatch, METH_NOARGS,
+     "Calls on_ready of ready subscribers and on_drained if signalled."},
+    {"want_drain", Waker_want_drain, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Waker_slots[] = {
+    {Py_tp_new, Waker_new},
+    {Py_tp_dealloc, Waker_dealloc},
+    {Py_tp_traverse, Waker_traverse},
+    {Py_tp_clear, Waker_clear},
+    {Py_tp_methods, Waker_methods},
+    {Py_tp_doc, "An eventfd that wakes one event loop (internal)."},
+    {0, NULL},
+};
+
+static PyType_Spec Waker_spec = {
+    .name = "blueprint_notify._core.Waker",
+    .basicsize = sizeof(WakerObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Waker_slots,
+};
+
+/* ---- Subscriber ---------------------------------------------------------- */
+
+/* Detaches from the channel; safe to call twice. */
+static void subscriber_detach(SubscriberObject *self) {
+    if (self->s) {
+        bpn_sub_free(self->s);
+        self->s = NULL;
+        self->waker->nsubs--;
+    }
+}
+
+static int Subscriber_traverse(PyObject *op, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(SUBSCRIBER_CAST(op)->waker);
+    Py_VISIT(SUBSCRIBER_CAST(op)->on_ready);
+    Py_VISIT(SUBSCRIBER_CAST(op)->job_id);
+    return 0;
+}
+
+static int Subscriber_clear(PyObject *op) {
+    SubscriberObject *self = SUBSCRIBER_CAST(op);
+    subscriber_detach(self); /* before the waker can go */
+    Py_CLEAR(self->on_ready);
+    Py_CLEAR(self->job_id);
+    Py_CLEAR(self->waker);
+    return 0;
+}
+
+static void Subscriber_dealloc(PyObject *op) {
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    Subscriber_clear(op);
+    PyObject_GC_Del(op);
+    Py_DECREF(tp);
+}
+
+#define PULL_MAX 256
+
+/* pull(max=64) -> (events, skipped, ended); events are (seq, status, json) */
+static PyObject *Subscriber_pull(PyObject *op, PyObject *const *args,
+                                 Py_ssize_t nargs) {
+    SubscriberObject *self = SUBSCRIBER_CAST(op);
+    bpn_event *evs[PULL_MAX];
+    Py_ssize_t max = 64;
+    PyObject *list = NULL, *result = NULL;
+    if (!check_nargs("pull", nargs, 0, 1)) return NULL;
+    if (nargs == 1) {
+        max = PyLong_AsSsize_t(args[0]);
+        if (max == -1 && PyErr_Occurred()) return NULL;
+    }
+    if (max < 1 || max > PULL_MAX) max = max < 1 ? 1 : PULL_MAX;
+    if (!self->s) return Py_BuildValue("([]Ki)", 0ULL, 1);
+    bpn_pull_result r = bpn_sub_pull(self->s, evs, (size_t)max);
+    list = PyList_New((Py_ssize_t)r.n);
+    if (!list) goto exit;
+    for (size_t i = 0; i < r.n; i++) {
+        PyObject *item = Py_BuildValue("(Kiy#)", (unsigned long long)evs[i]->seq,
+                                       evs[i]->status, evs[i]->json,
+                                       (Py_ssize_t)evs[i]->json_len);
+        if (!item) goto exit;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    result = Py_BuildValue("(OKi)", list, (unsigned long long)r.skipped, r.ended);
+exit:
+    for (size_t i = 0; i < r.n; i++) bpn_event_unref(evs[i]);
+    Py_XDECREF(list);
+    return result;
+}
+
+static PyObject *Subscriber_close(PyObject *op, PyObject *unused) {
+    (void)unused;
+    subscriber_detach(SUBSCRIBER_CAST(op));
+    Py_RETURN_NONE;
+}
+
+static PyObject *Subscriber_get_job_id(PyObject *op, void *closure) {
+    (void)closure;
+    PyObject *id = SUBSCRIBER_CAST(op)->job_id;
+    return Py_NewRef(id ? id : Py_None);
+}
+
+static PyObject *Subscriber_get_closed(PyObject *op, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(SUBSCRIBER_CAST(op)->s == NULL);
+}
+
+static PyMethodDef Subscriber_methods[] = {
+    {"pull", (PyCFunction)(void (*)(void))Subscriber_pull, METH_FASTCALL,
+     "pull(max=64) -> (events, skipped, ended)"},
+    {"close", Subscriber_close, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Subscriber_getset[] = {
+    {"job_id", Subscriber_get_job_id, NULL, NULL, NULL},
+    {"closed", Subscriber_get_closed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Subscriber_slots[] = {
+    {Py_tp_dealloc, Subscriber_dealloc},
+    {Py_tp_traverse, Subscriber_traverse},
+    {Py_tp_clear, Subscriber_clear},
+    {Py_tp_methods, Subscriber_methods},
+    {Py_tp_getset, Subscriber_getset},
+    {Py_tp_doc, "A cursor into one job's channel (internal)."},
+    {0, NULL},
+};
+
+static PyType_Spec Subscriber_spec = {
+    .name = "blueprint_notify._core.Subscriber",
+    .basicsize = sizeof(SubscriberObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Subscriber_slots,
+};
+
+/* ---- module functions ---------------------------------------------------- */
+
+/* sign(secret: bytes, timestamp: int, body: bytes) -> hex str */
+static PyObject *core_sign(PyObject *module, PyObject *args) {
+    const char *key, *body;
+    Py_ssize_t key_len, body_len;
+    long long ts;
+    char out[BPN_SIG_HEX_LEN + 1];
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y#Ly#:sign", &key, &key_len, &ts, &body,
+                          &body_len))
+        return NULL;
+    bpn_signer *s = bpn_signer_new((const uint8_t *)key, (size_t)key_len);
+    if (!s) return PyErr_NoMemory();
+    int rc = bpn_signer_hex(s, (int64_t)ts, body, (size_t)body_len, out);
+    bpn_signer_free(s);
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "HMAC-SHA256 failed");
+        return NULL;
+    }
+    return PyUnicode_FromStringAndSize(out, BPN_SIG_HEX_LEN);
+}
+
+/* check_address(ip: str) -> None if allowed, else the reason */
+static PyObject *core_check_address(PyObject *module, PyObject *arg) {
+    const char *text;
+    Py_ssize_t len;
+    struct sockaddr_in in4;
+    struct sockaddr_in6 in6;
+    (void)module;
+    if (get_str(arg, "address", &text, &len) < 0) return NULL;
+    memset(&in4, 0, sizeof(in4));
+    memset(&in6, 0, sizeof(in6));
+    const char *why;
+    if (inet_pton(AF_INET, text, &in4.sin_addr) == 1) {
+        in4.sin_family = AF_INET;
+        why = bpn_netguard_check((struct sockaddr *)&in4, sizeof(in4));
+    } else if (inet_pton(AF_INET6, text, &in6.sin6_addr) == 1) {
+        in6.sin6_family = AF_INET6;
+        why = bpn_netguard_check((struct sockaddr *)&in6, sizeof(in6));
+    } else {
+        PyErr_Format(PyExc_ValueError, "address is not an IP address: %R", arg);
+        return NULL;
+    }
+    if (!why) Py_RETURN_NONE;
+    return PyUnicode_FromString(why);
+}
+
+/* backoff_ms(base, failed_attempts, cap, rnd) -> int */
+static PyObject *core_backoff_ms(PyObject *module, PyObject *args) {
+    unsigned long long base, cap, rnd;
+    unsigned int n;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "KIKK:backoff_ms", &base, &n, &cap, &rnd))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(bpn_backoff_ms(base, n, cap, rnd));
+}
+
+static PyMethodDef core_methods[] = {
+    {"sign", core_sign, METH_VARARGS,
+     "sign(secret, timestamp, body) -> hex HMAC-SHA256 of '{ts}.{body}'"},
+    {"check_address", core_check_address, METH_O,
+     "check_address(ip) -> None if webhooks may connect there, else why not"},
+    {"backoff_ms", core_backoff_ms, METH_VARARGS,
+     "backoff_ms(base, failed_attempts, cap, rnd) -> delay in ms"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* ---- module -------------------------------------------------------------- */
+
+static int core_exec(PyObject *m) {
+    module_state *st = get_state(m);
+    st->engine_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(m, &Engine_spec, NULL);
+    if (!st->engine_type || PyModule_AddType(m, st->engine_type) < 0) return -1;
+    st->waker_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(m, &Waker_spec, NULL);
+    if (!st->waker_type || PyModule_AddType(m, st->waker_type) < 0) return -1;
+    st->subscriber_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(m, &Subscriber_spec, NULL);
+    if (!st->subscriber_type || PyModule_AddType(m, st->subscriber_type) < 0)
+        return -1;
+    st->channel_limit_error = PyErr_NewExceptionWithDoc(
+        "blueprint_notify.ChannelLimitError",
+        "Raised when max_channels live channels exist and a new job needs one.",
+        PyExc_RuntimeError, NULL);
+    if (!st->channel_limit_error ||
+        PyModule_AddObjectRef(m, "ChannelLimitError", st->channel_limit_error) <
+            0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "JOB_ID_MAX", BPN_JOB_ID_MAX) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "URL_MAX", BPN_URL_MAX) < 0) return -1;
+    return 0;
+}
+
+static int core_traverse(PyObject *m, visitproc visit, void *arg) {
+    module_state *st = get_state(m);
+    Py_VISIT(st->engine_type);
+    Py_VISIT(st->waker_type);
+    Py_VISIT(st->subscriber_type);
+    Py_VISIT(st->channel_limit_error);
+    return 0;
+}
+
+static int core_clear(PyObject *m) {
+    module_state *st = get_state(m);
+    Py_CLEAR(st->engine_type);
+    Py_CLEAR(st->waker_type);
+    Py_CLEAR(st->subscriber_type);
+    Py_CLEAR(st->channel_limit_error);
+    return 0;
+}
+
+static void core_free(void *m) { core_clear((PyObject *)m); }
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+#if PY_VERSION_HEX >= 0x030D0000
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "blueprint_notify._core",
+    .m_doc = "The C core of blueprint_notify.",
+    .m_size = sizeof(module_state),
+    .m_methods = core_methods,
+    .m_slots = core_slots,
+    .m_traverse = core_traverse,
+    .m_clear = core_clear,
+    .m_free = core_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }
