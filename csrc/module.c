@@ -38,30 +38,27 @@ static module_state *state_of_type(PyTypeObject *tp) {
 }
 
 typedef struct {
-    PyObject_HEAD
-    bpn_engine *e;
+    PyObject_HEAD bpn_engine *e;
     PyObject *log_sink; /* callable(list[(level, msg)]) */
     int closed;
 } EngineObject;
 
 typedef struct {
-    PyObject_HEAD
-    bpn_waker *w;
+    PyObject_HEAD bpn_waker *w;
     EngineObject *engine;
     PyObject *on_drained;
     Py_ssize_t nsubs; /* subscribers attached; bounds a dispatch batch */
 } WakerObject;
 
 typedef struct {
-    PyObject_HEAD
-    bpn_sub *s;
+    PyObject_HEAD bpn_sub *s;
     WakerObject *waker;
     PyObject *on_ready;
     PyObject *job_id;
 } SubscriberObject;
 
-#define ENGINE_CAST(o) ((EngineObject *)(o))
-#define WAKER_CAST(o) ((WakerObject *)(o))
+#define ENGINE_CAST(o)     ((EngineObject *)(o))
+#define WAKER_CAST(o)      ((WakerObject *)(o))
 #define SUBSCRIBER_CAST(o) ((SubscriberObject *)(o))
 
 /* ---- argument helpers ---------------------------------------------------- */
@@ -123,8 +120,7 @@ static int get_timeout_ms(PyObject *o, int64_t *ms) {
 static PyObject *raise_core_error(int rc, PyTypeObject *tp) {
     module_state *st;
     switch (rc) {
-        case BPN_ENOMEM:
-            return PyErr_NoMemory();
+        case BPN_ENOMEM: return PyErr_NoMemory();
         case BPN_ECLOSED:
             PyErr_SetString(PyExc_RuntimeError, "notifier is closed");
             return NULL;
@@ -135,8 +131,7 @@ static PyObject *raise_core_error(int rc, PyTypeObject *tp) {
                                 "channel limit reached (max_channels live "
                                 "channels exist and this job has none)");
             return NULL;
-        case BPN_ESYS:
-            return PyErr_SetFromErrno(PyExc_OSError);
+        case BPN_ESYS: return PyErr_SetFromErrno(PyExc_OSError);
         default:
             PyErr_SetString(PyExc_RuntimeError, bpn_strerror(rc));
             return NULL;
@@ -151,7 +146,8 @@ static void pump_logs(EngineObject *self) {
     bpn_log_record *recs = NULL;
     size_t n = 0;
     PyObject *list = NULL, *res = NULL;
-    if (!self->e || !self->log_sink || !bpn_delivery_has_logs(self->e->delivery))
+    if (!self->e || !self->log_sink ||
+        !bpn_delivery_has_logs(self->e->delivery))
         return;
     if (bpn_delivery_take_logs(self->e->delivery, &recs, &n) != BPN_OK) return;
     list = PyList_New((Py_ssize_t)n);
@@ -202,9 +198,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     char err[ERRLEN];
     if (!PyArg_ParseTupleAndKeywords(
             args, kw, "|$y#KKKKnnnpIInsO", kwlist, &secret, &secret_len,
-            &max_retries, &base, &max_delay, &timeout, &capacity,
-            &max_channels, &max_dead, &allow_private, &max_conns, &max_host,
-            &max_body, &user_agent, &log_sink))
+            &max_retries, &base, &max_delay, &timeout, &capacity, &max_channels,
+            &max_dead, &allow_private, &max_conns, &max_host, &max_body,
+            &user_agent, &log_sink))
         return NULL;
     if (capacity < 1 || max_channels < 0 || max_dead < 0 || max_body < 0 ||
         max_conns < 1 || max_host < 1 || max_retries > UINT32_MAX ||
@@ -267,7 +263,8 @@ static void Engine_dealloc(PyObject *op) {
         bpn_engine *e = self->e;
         self->e = NULL;
         /* Joining the delivery thread needs no Python: let others run. */
-        Py_BEGIN_ALLOW_THREADS bpn_engine_free(e);
+        Py_BEGIN_ALLOW_THREADS
+            bpn_engine_free(e);
         Py_END_ALLOW_THREADS
     }
     Engine_clear(op);
@@ -301,7 +298,7 @@ static PyObject *Engine_validate_job_token(PyObject *op, PyObject *const *args,
 
 /* notify(job_id, status, event_json, webhook_url) -> seq */
 static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
-                              Py_ssize_t nargs) {
+                               Py_ssize_t nargs) {
     EngineObject *self = ENGINE_CAST(op);
     const char *id, *url = NULL;
     Py_ssize_t len, url_len = 0;
@@ -326,10 +323,9 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
             return NULL;
         }
     }
-    int rc = bpn_engine_notify(self->e, id, (size_t)len, (int)status,
-                               PyBytes_AS_STRING(args[2]),
-                               (size_t)PyBytes_GET_SIZE(args[2]), url,
-                               (size_t)url_len, origin, &seq);
+    int rc = bpn_engine_notify(
+        self->e, id, (size_t)len, (int)status, PyBytes_AS_STRING(args[2]),
+        (size_t)PyBytes_GET_SIZE(args[2]), url, (size_t)url_len, origin, &seq);
     if (rc != BPN_OK) return raise_core_error(rc, Py_TYPE(op));
     pump_logs(self);
     return PyLong_FromUnsignedLongLong(seq);
@@ -399,7 +395,8 @@ static PyObject *Engine_clear_dead_letters(PyObject *op, PyObject *unused) {
 /* Waits for the delivery queue to drain, releasing the GIL in slices so
  * signals are seen. Returns 1 drained, 0 timed out, -1 with an exception. */
 static int wait_drained(EngineObject *self, int64_t timeout_ms) {
-    uint64_t deadline = timeout_ms < 0 ? 0 : bpn_now_ms() + (uint64_t)timeout_ms;
+    uint64_t deadline =
+        timeout_ms < 0 ? 0 : bpn_now_ms() + (uint64_t)timeout_ms;
     for (;;) {
         int64_t slice = WAIT_SLICE_MS;
         if (timeout_ms >= 0) {
@@ -408,7 +405,8 @@ static int wait_drained(EngineObject *self, int64_t timeout_ms) {
             if (left < slice) slice = left;
         }
         int ok;
-        Py_BEGIN_ALLOW_THREADS ok = bpn_delivery_flush(self->e->delivery, slice);
+        Py_BEGIN_ALLOW_THREADS
+            ok = bpn_delivery_flush(self->e->delivery, slice);
         Py_END_ALLOW_THREADS
         if (ok) return 1;
         if (PyErr_CheckSignals() < 0) return -1;
@@ -435,7 +433,8 @@ static PyObject *Engine_close(PyObject *op, PyObject *timeout) {
     bpn_hub_close(&self->e->hub); /* refuse new events, end subscriptions */
     int ok = wait_drained(self, ms);
     /* Even when interrupted, finish closing: nothing is left half-done. */
-    Py_BEGIN_ALLOW_THREADS bpn_engine_close(self->e, 0);
+    Py_BEGIN_ALLOW_THREADS
+        bpn_engine_close(self->e, 0);
     Py_END_ALLOW_THREADS
     pump_logs(self);
     if (ok < 0) return NULL;
@@ -477,13 +476,15 @@ static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "on_ready must be callable");
         return NULL;
     }
-    SubscriberObject *sub = PyObject_GC_New(SubscriberObject, st->subscriber_type);
+    SubscriberObject *sub =
+        PyObject_GC_New(SubscriberObject, st->subscriber_type);
     if (!sub) return NULL;
     sub->s = NULL;
     sub->waker = (WakerObject *)Py_NewRef(waker);
     sub->on_ready = Py_NewRef(args[2]);
     sub->job_id = Py_NewRef(args[0]);
-    int rc = bpn_sub_new(&self->e->hub, id, (size_t)len, waker->w, sub, &sub->s);
+    int rc =
+        bpn_sub_new(&self->e->hub, id, (size_t)len, waker->w, sub, &sub->s);
     if (rc != BPN_OK) {
         Py_DECREF(sub);
         return raise_core_error(rc, Py_TYPE(op));
@@ -496,8 +497,9 @@ static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
 static PyMethodDef Engine_methods[] = {
     {"register_job", Engine_register_job, METH_O,
      "register_job(job_id) -> token"},
-    {"validate_job_token", (PyCFunction)(void (*)(void))Engine_validate_job_token,
-     METH_FASTCALL, "validate_job_token(job_id, token) -> bool"},
+    {"validate_job_token",
+     (PyCFunction)(void (*)(void))Engine_validate_job_token, METH_FASTCALL,
+     "validate_job_token(job_id, token) -> bool"},
     {"notify", (PyCFunction)(void (*)(void))Engine_notify, METH_FASTCALL,
      "notify(job_id, status, event_json, webhook_url) -> seq"},
     {"subscribe", (PyCFunction)(void (*)(void))Engine_subscribe, METH_FASTCALL,
@@ -727,13 +729,14 @@ static PyObject *Subscriber_pull(PyObject *op, PyObject *const *args,
     list = PyList_New((Py_ssize_t)r.n);
     if (!list) goto exit;
     for (size_t i = 0; i < r.n; i++) {
-        PyObject *item = Py_BuildValue("(Kiy#)", (unsigned long long)evs[i]->seq,
-                                       evs[i]->status, evs[i]->json,
-                                       (Py_ssize_t)evs[i]->json_len);
+        PyObject *item = Py_BuildValue(
+            "(Kiy#)", (unsigned long long)evs[i]->seq, evs[i]->status,
+            evs[i]->json, (Py_ssize_t)evs[i]->json_len);
         if (!item) goto exit;
         PyList_SET_ITEM(list, (Py_ssize_t)i, item);
     }
-    result = Py_BuildValue("(OKi)", list, (unsigned long long)r.skipped, r.ended);
+    result =
+        Py_BuildValue("(OKi)", list, (unsigned long long)r.skipped, r.ended);
 exit:
     for (size_t i = 0; i < r.n; i++) bpn_event_unref(evs[i]);
     Py_XDECREF(list);
@@ -901,7 +904,9 @@ static int core_clear(PyObject *m) {
     return 0;
 }
 
-static void core_free(void *m) { core_clear((PyObject *)m); }
+static void core_free(void *m) {
+    core_clear((PyObject *)m);
+}
 
 static PyModuleDef_Slot core_slots[] = {
     {Py_mod_exec, core_exec},
@@ -926,4 +931,6 @@ static struct PyModuleDef core_module = {
     .m_free = core_free,
 };
 
-PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }
+PyMODINIT_FUNC PyInit__core(void) {
+    return PyModuleDef_Init(&core_module);
+}

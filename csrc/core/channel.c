@@ -10,14 +10,14 @@
 
 struct bpn_job {
     bpn_map_node node;
-    unsigned refs;      /* the table's and each subscriber's */
+    unsigned refs; /* the table's and each subscriber's */
     int in_table;
     int has_token;
     int terminal;
     char token[BPN_TOKEN_HEX_LEN];
-    uint64_t next_seq;  /* sequence number of the next event (from 1) */
-    size_t count;       /* events held in the ring */
-    bpn_event **ring;   /* hub->capacity slots, indexed by seq % capacity */
+    uint64_t next_seq; /* sequence number of the next event (from 1) */
+    size_t count;      /* events held in the ring */
+    bpn_event **ring;  /* hub->capacity slots, indexed by seq % capacity */
     bpn_sub *subs;
     size_t id_len;
     char id[];
@@ -29,7 +29,7 @@ struct bpn_sub {
     int ready;
     bpn_job *job;
     bpn_waker *waker;
-    uint64_t cursor;        /* sequence number of the next event wanted */
+    uint64_t cursor; /* sequence number of the next event wanted */
     void *user;
 };
 
@@ -37,7 +37,7 @@ struct bpn_waker {
     bpn_waker *prev, *next;
     bpn_hub *hub;
     int fd;
-    int armed;              /* the eventfd has been written since last take */
+    int armed; /* the eventfd has been written since last take */
     int want_drain;
     int drained;
     bpn_sub *ready_head, *ready_tail;
@@ -78,8 +78,12 @@ void bpn_hub_fini(bpn_hub *hub) {
     pthread_mutex_destroy(&hub->mu);
 }
 
-void bpn_hub_lock(bpn_hub *hub) { pthread_mutex_lock(&hub->mu); }
-void bpn_hub_unlock(bpn_hub *hub) { pthread_mutex_unlock(&hub->mu); }
+void bpn_hub_lock(bpn_hub *hub) {
+    pthread_mutex_lock(&hub->mu);
+}
+void bpn_hub_unlock(bpn_hub *hub) {
+    pthread_mutex_unlock(&hub->mu);
+}
 
 static bpn_job *find_job(bpn_hub *hub, const char *id, size_t len) {
     bpn_map_node *n = bpn_map_get(&hub->jobs, id, len);
@@ -226,7 +230,9 @@ void bpn_waker_free(bpn_waker *w) {
     free(w);
 }
 
-int bpn_waker_fd(const bpn_waker *w) { return w->fd; }
+int bpn_waker_fd(const bpn_waker *w) {
+    return w->fd;
+}
 
 void bpn_waker_want_drain(bpn_waker *w, int on) {
     bpn_hub_lock(w->hub);

@@ -23,11 +23,11 @@ typedef struct bpn_waker bpn_waker;
 
 typedef struct bpn_hub {
     pthread_mutex_t mu;
-    bpn_map jobs;       /* job id -> bpn_job, live (non-terminal) jobs */
-    size_t capacity;    /* history ring size per job (sse_capacity) */
+    bpn_map jobs;    /* job id -> bpn_job, live (non-terminal) jobs */
+    size_t capacity; /* history ring size per job (sse_capacity) */
     size_t max_channels;
     int closed;
-    bpn_waker *wakers;  /* every waker, for drain signals and close */
+    bpn_waker *wakers; /* every waker, for drain signals and close */
 } bpn_hub;
 
 /* Returns 0 or BPN_ENOMEM. */
@@ -85,9 +85,9 @@ int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, bpn_waker *w,
 void bpn_sub_free(bpn_sub *s);
 
 typedef struct {
-    size_t n;           /* events written to out */
-    uint64_t skipped;   /* events lost to lag before out[0] */
-    int ended;          /* no event will follow the ones returned */
+    size_t n;         /* events written to out */
+    uint64_t skipped; /* events lost to lag before out[0] */
+    int ended;        /* no event will follow the ones returned */
 } bpn_pull_result;
 
 /* Copies up to max event references after the cursor into out (the caller

@@ -8,12 +8,12 @@
 /* Error codes returned by core functions (0 is success). */
 typedef enum {
     BPN_OK = 0,
-    BPN_ENOMEM = -1,       /* an allocation failed */
-    BPN_EINVAL = -2,       /* a field failed validation; see the message */
-    BPN_ECLOSED = -3,      /* the engine is closed */
-    BPN_ELIMIT = -4,       /* the channel cap is reached */
-    BPN_ESYS = -5,         /* a system call failed; errno is set */
-    BPN_ECURL = -6,        /* libcurl could not be set up */
+    BPN_ENOMEM = -1,  /* an allocation failed */
+    BPN_EINVAL = -2,  /* a field failed validation; see the message */
+    BPN_ECLOSED = -3, /* the engine is closed */
+    BPN_ELIMIT = -4,  /* the channel cap is reached */
+    BPN_ESYS = -5,    /* a system call failed; errno is set */
+    BPN_ECURL = -6,   /* libcurl could not be set up */
 } bpn_err;
 
 /* Job statuses, in the order of the Python JobStatus enum. */
@@ -27,12 +27,12 @@ enum {
 };
 
 #define BPN_STATUS_IS_TERMINAL(s) ((s) >= BPN_STATUS_COMPLETED)
-#define BPN_JOB_ID_MAX 256
-#define BPN_URL_MAX 4096
-#define BPN_TOKEN_HEX_LEN 64
+#define BPN_JOB_ID_MAX            256
+#define BPN_URL_MAX               4096
+#define BPN_TOKEN_HEX_LEN         64
 
 #define BPN_CONTAINER_OF(ptr, type, member) \
-    ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+    ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
 
 /* Monotonic clock in milliseconds. */
 uint64_t bpn_now_ms(void);

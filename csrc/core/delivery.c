@@ -19,7 +19,7 @@
 #include "sign.h"
 #include "url.h"
 
-#define ERR_MAX 320
+#define ERR_MAX  320
 #define LOG_RING 128
 
 enum { LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
@@ -34,7 +34,7 @@ typedef struct dlv {
     uint32_t attempts;
     double failed_at;
     size_t job_len, url_len;
-    const char *job_id;      /* key of the lane: job_id '\0' url */
+    const char *job_id; /* key of the lane: job_id '\0' url */
     const char *url;
     const char *origin;
     char last_error[ERR_MAX];
@@ -52,16 +52,16 @@ typedef struct lane {
     host *host;
     dlv *head, *tail;
     enum lane_state state;
-    transfer *xfer;          /* when in flight */
-    struct lane *qnext;      /* in the ready or a host's blocked FIFO */
-    uint64_t due_ms;         /* when waiting for a retry */
+    transfer *xfer;     /* when in flight */
+    struct lane *qnext; /* in the ready or a host's blocked FIFO */
+    uint64_t due_ms;    /* when waiting for a retry */
     char key[];
 } lane;
 
 /* Connection accounting per origin. */
 struct host {
     bpn_map_node node;
-    unsigned refs;           /* lanes pointing here */
+    unsigned refs; /* lanes pointing here */
     unsigned inflight;
     lane *blocked_head, *blocked_tail;
     char key[];
@@ -76,7 +76,7 @@ struct transfer {
     bpn_delivery *d;
     size_t body_bytes;
     int capped;
-    const char *refused;     /* netguard reason, static */
+    const char *refused; /* netguard reason, static */
     char refused_addr[64];
     char errbuf[CURL_ERROR_SIZE];
 };
@@ -100,7 +100,7 @@ struct bpn_delivery {
     int thread_started, joined;
     uint64_t next_id;
     bpn_delivery_stats stats;
-    dlv **dead;              /* ring of cfg.max_dead_letters */
+    dlv **dead; /* ring of cfg.max_dead_letters */
     size_t dead_start, dead_count;
     log_rec logs[LOG_RING];
     size_t log_start, log_count;
@@ -114,7 +114,7 @@ struct bpn_delivery {
     bpn_map lanes;
     bpn_map hosts;
     lane *ready_head, *ready_tail;
-    lane **heap;             /* lanes waiting for a retry, by due_ms */
+    lane **heap; /* lanes waiting for a retry, by due_ms */
     size_t heap_len, heap_cap;
     transfer *pool;
     unsigned inflight;
@@ -124,8 +124,7 @@ struct bpn_delivery {
 
 /* ---- small helpers ------------------------------------------------------ */
 
-uint64_t bpn_backoff_ms(uint64_t base, uint32_t n, uint64_t cap,
-                        uint64_t rnd) {
+uint64_t bpn_backoff_ms(uint64_t base, uint32_t n, uint64_t cap, uint64_t rnd) {
     uint32_t shift = n > 0 ? n - 1 : 0;
     uint64_t delay;
     if (base == 0)
@@ -429,8 +428,8 @@ static int transfer_start(bpn_delivery *d, lane *l) {
     int64_t ts = bpn_wall_s();
     transfer *t = NULL;
     struct curl_slist *h = NULL;
-    if (bpn_signer_hex(d->signer, ts, x->ev->payload, x->ev->payload_len,
-                       sig) < 0) {
+    if (bpn_signer_hex(d->signer, ts, x->ev->payload, x->ev->payload_len, sig) <
+        0) {
         snprintf(x->last_error, ERR_MAX, "could not sign the payload");
         goto error;
     }
@@ -518,7 +517,8 @@ static void attempt_failed(bpn_delivery *d, lane *l, int final) {
                x->attempts, delay, x->job_id, x->url, x->last_error);
     pthread_mutex_unlock(&d->mu);
     l->due_ms = bpn_now_ms() + delay;
-    if (heap_push(d, l) < 0) ready_push(d, l); /* retry now rather than lose it */
+    if (heap_push(d, l) < 0)
+        ready_push(d, l); /* retry now rather than lose it */
 }
 
 /* Takes the transfer off the multi handle and back to the pool. */
@@ -676,7 +676,9 @@ static void *run(void *arg) {
         int timeout = 1000;
         if (d->heap_len > 0) {
             uint64_t now = bpn_now_ms(), due = d->heap[0]->due_ms;
-            timeout = due <= now ? 0 : due - now < 1000 ? (int)(due - now) : 1000;
+            timeout = due <= now         ? 0
+                      : due - now < 1000 ? (int)(due - now)
+                                         : 1000;
         }
         curl_multi_poll(d->multi, NULL, 0, timeout, NULL);
     }
@@ -691,9 +693,8 @@ static void *run(void *arg) {
 
 /* ---- public API --------------------------------------------------------- */
 
-int bpn_delivery_new(const bpn_delivery_config *cfg,
-                     void (*on_drained)(void *), void *arg,
-                     bpn_delivery **out, char *err, size_t errlen) {
+int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
+                     void *arg, bpn_delivery **out, char *err, size_t errlen) {
     int rc = BPN_ENOMEM;
     sigset_t all, old;
     bpn_delivery *d = calloc(1, sizeof(*d));
@@ -977,7 +978,8 @@ int bpn_delivery_take_logs(bpn_delivery *d, bpn_log_record **out, size_t *n) {
     if (d->logs_dropped) {
         arr[count - 1].level = LOG_WARNING;
         snprintf(arr[count - 1].msg, sizeof(arr[count - 1].msg),
-                 "%" PRIu64 " delivery log records were dropped (log ring full)",
+                 "%" PRIu64
+                 " delivery log records were dropped (log ring full)",
                  d->logs_dropped);
     }
     d->log_start = d->log_count = 0;

@@ -16,7 +16,7 @@
 typedef struct {
     const uint8_t *secret;
     size_t secret_len;
-    uint32_t max_retries;        /* extra attempts after the first */
+    uint32_t max_retries; /* extra attempts after the first */
     uint64_t retry_base_ms;
     uint64_t max_retry_delay_ms; /* cap of one backoff delay */
     uint64_t timeout_ms;         /* whole attempt, connect included */
@@ -38,12 +38,12 @@ typedef struct {
     char *url;
     uint32_t attempts;
     char *last_error;
-    bpn_event *ev;      /* ev->payload is the exact body sent */
-    double failed_at;   /* wall clock, seconds */
+    bpn_event *ev;    /* ev->payload is the exact body sent */
+    double failed_at; /* wall clock, seconds */
 } bpn_dead_letter;
 
 typedef struct {
-    int level;          /* Python logging's numbers */
+    int level; /* Python logging's numbers */
     char msg[512];
 } bpn_log_record;
 
@@ -51,7 +51,7 @@ typedef struct {
     uint64_t submitted;
     uint64_t delivered;
     uint64_t dead_lettered;
-    uint64_t evicted;   /* dead letters dropped by the cap */
+    uint64_t evicted; /* dead letters dropped by the cap */
     uint64_t attempts;
     uint64_t failed_attempts;
     uint64_t pending;
@@ -60,9 +60,8 @@ typedef struct {
 /* Creates the engine and starts its thread. on_drained(arg) is called from
  * the delivery thread, with no lock held, each time the pending count
  * returns to zero. Returns 0 and sets *out, or an error with a message. */
-int bpn_delivery_new(const bpn_delivery_config *cfg,
-                     void (*on_drained)(void *), void *arg,
-                     bpn_delivery **out, char *err, size_t errlen);
+int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
+                     void *arg, bpn_delivery **out, char *err, size_t errlen);
 
 /* Stops the thread (if running) and frees everything, dead letters too. */
 void bpn_delivery_free(bpn_delivery *d);

@@ -64,6 +64,7 @@ bpn_event *bpn_event_ref(bpn_event *ev) {
 }
 
 void bpn_event_unref(bpn_event *ev) {
-    if (ev && atomic_fetch_sub_explicit(&ev->refs, 1, memory_order_acq_rel) == 1)
+    if (ev &&
+        atomic_fetch_sub_explicit(&ev->refs, 1, memory_order_acq_rel) == 1)
         free(ev);
 }

@@ -11,8 +11,8 @@
 typedef struct bpn_event {
     atomic_uint refs;
     int status;
-    uint64_t seq;        /* per-job sequence number, 0 if the job has no channel */
-    const char *json;    /* the JobEvent JSON */
+    uint64_t seq;     /* per-job sequence number, 0 if the job has no channel */
+    const char *json; /* the JobEvent JSON */
     size_t json_len;
     const char *payload; /* {"job_id":..,"event":..} or NULL */
     size_t payload_len;

@@ -52,8 +52,10 @@ static int all_zero(const uint8_t *p, size_t n) {
 }
 
 static const char *check_v6(const uint8_t *b) {
-    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-    static const uint8_t nat64[12] = {0x00, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0};
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0,    0,
+                                       0, 0, 0, 0, 0xff, 0xff};
+    static const uint8_t nat64[12] = {0x00, 0x64, 0xff, 0x9b, 0, 0,
+                                      0,    0,    0,    0,    0, 0};
     if (memcmp(b, mapped, 12) == 0 || memcmp(b, nat64, 12) == 0)
         return check_v4(load_be32(b + 12));
     if (all_zero(b, 15)) {
@@ -81,8 +83,10 @@ static const char *check_v6(const uint8_t *b) {
 }
 
 const char *bpn_netguard_check(const struct sockaddr *sa, socklen_t len) {
-    if (sa->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
+    if (sa->sa_family == AF_INET &&
+        len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in =
+            (const struct sockaddr_in *)(const void *)sa;
         return check_v4(ntohl(in->sin_addr.s_addr));
     }
     if (sa->sa_family == AF_INET6 &&

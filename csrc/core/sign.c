@@ -42,8 +42,8 @@ void bpn_signer_free(bpn_signer *s) {
     free(s);
 }
 
-int bpn_signer_hex(bpn_signer *s, int64_t ts, const char *body,
-                   size_t body_len, char out[BPN_SIG_HEX_LEN + 1]) {
+int bpn_signer_hex(bpn_signer *s, int64_t ts, const char *body, size_t body_len,
+                   char out[BPN_SIG_HEX_LEN + 1]) {
     char prefix[24];
     uint8_t mac[32];
     size_t mac_len = 0;

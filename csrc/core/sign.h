@@ -17,7 +17,7 @@ void bpn_signer_free(bpn_signer *s);
 
 /* Writes the 64 lowercase hex chars of HMAC-SHA256(key, "{ts}.{body}") and
  * a terminator into out. Returns 0, or -1 if OpenSSL failed. */
-int bpn_signer_hex(bpn_signer *s, int64_t ts, const char *body,
-                   size_t body_len, char out[BPN_SIG_HEX_LEN + 1]);
+int bpn_signer_hex(bpn_signer *s, int64_t ts, const char *body, size_t body_len,
+                   char out[BPN_SIG_HEX_LEN + 1]);
 
 #endif
