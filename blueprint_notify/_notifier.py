@@ -133,6 +133,10 @@ class JobNotifier:
         with self._hubs_lock:
             hub = self._hubs.get(loop)
             if hub is None:
+                # Loops closed with subscriptions never closed leave a hub
+                # behind; its eventfd goes with it once nothing uses it.
+                for stale in [lp for lp in self._hubs if lp.is_closed()]:
+                    del self._hubs[stale]
                 hub = self._hubs[loop] = _LoopHub(self, loop)
             return hub
 
@@ -174,23 +178,27 @@ class JobNotifier:
         return self._engine.stats()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Blocks (without the GIL) until every delivery queued so far is
-        delivered or dead-lettered; False if the timeout passed first."""
+        """Blocks (without the GIL) until every delivery queued before the
+        call is delivered or dead-lettered (later ones do not delay it);
+        False if the timeout passed first."""
         return self._engine.flush(timeout)
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Like flush() without blocking the event loop."""
-        if self._engine.pending() == 0:
-            self._engine.pump_logs()
+        """Like flush() without blocking the event loop: True once every
+        delivery queued before the call is delivered or dead-lettered."""
+        engine = self._engine
+        ticket = engine.ticket()
+        if engine.ticket_done(ticket):
+            engine.pump_logs()
             return True
         loop = asyncio.get_running_loop()
         hub = self._hub_for(loop)
         hub.acquire()
         try:
-            return await hub.wait_drained(timeout)
+            return await hub.wait_drained(ticket, timeout)
         finally:
             hub.release()
-            self._engine.pump_logs()
+            engine.pump_logs()
 
     def sign_payload(self, payload: bytes | str, timestamp: int) -> str:
         """The hex HMAC-SHA256 of ``"{timestamp}.{payload}"`` with this

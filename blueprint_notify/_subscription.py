@@ -51,7 +51,7 @@ class _LoopHub:
         self.notifier = notifier
         self.loop = loop
         self.users = 0
-        self.drain_waiters: list[asyncio.Future[bool]] = []
+        self.drain_waiters: list[tuple[int, asyncio.Future[bool]]] = []
         self.waker = _core.Waker(notifier._engine, self._on_drained)
         self.fd = self.waker.fileno()
         loop.add_reader(self.fd, self.waker.dispatch)
@@ -68,25 +68,29 @@ class _LoopHub:
             self.loop.remove_reader(self.fd)
 
     def _on_drained(self) -> None:
-        if self.notifier._engine.pending() != 0:
-            return
-        for fut in self.drain_waiters:
-            if not fut.done():
+        engine = self.notifier._engine
+        for ticket, fut in self.drain_waiters:
+            if not fut.done() and engine.ticket_done(ticket):
                 fut.set_result(True)
 
-    async def wait_drained(self, timeout: float | None) -> bool:
+    async def wait_drained(self, ticket: int, timeout: float | None) -> bool:
+        """Waits until every delivery up to ``ticket`` is finished."""
+        engine = self.notifier._engine
         fut: asyncio.Future[bool] = self.loop.create_future()
-        self.drain_waiters.append(fut)
+        entry = (ticket, fut)
+        self.drain_waiters.append(entry)
         self.waker.want_drain(True)
+        engine.watch(True)
         try:
-            if self.notifier._engine.pending() == 0:  # drained before we asked
+            if engine.ticket_done(ticket):  # finished before we asked
                 return True
             try:
                 return await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
                 return False
         finally:
-            self.drain_waiters.remove(fut)
+            engine.watch(False)
+            self.drain_waiters.remove(entry)
             if not self.drain_waiters:
                 self.waker.want_drain(False)
 

@@ -392,9 +392,12 @@ static PyObject *Engine_clear_dead_letters(PyObject *op, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* Waits for the delivery queue to drain, releasing the GIL in slices so
- * signals are seen. Returns 1 drained, 0 timed out, -1 with an exception. */
+/* Waits until every delivery submitted before the call is finished,
+ * releasing the GIL in slices so signals are seen. Returns 1 done, 0 timed
+ * out, -1 with an exception. */
 static int wait_drained(EngineObject *self, int64_t timeout_ms) {
+    bpn_delivery *d = self->e->delivery;
+    uint64_t ticket = bpn_delivery_ticket(d);
     uint64_t deadline =
         timeout_ms < 0 ? 0 : bpn_now_ms() + (uint64_t)timeout_ms;
     for (;;) {
@@ -406,7 +409,7 @@ static int wait_drained(EngineObject *self, int64_t timeout_ms) {
         }
         int ok;
         Py_BEGIN_ALLOW_THREADS
-            ok = bpn_delivery_flush(self->e->delivery, slice);
+            ok = bpn_delivery_wait(d, ticket, slice);
         Py_END_ALLOW_THREADS
         if (ok) return 1;
         if (PyErr_CheckSignals() < 0) return -1;
@@ -438,6 +441,26 @@ static PyObject *Engine_close(PyObject *op, PyObject *timeout) {
     Py_END_ALLOW_THREADS
     pump_logs(self);
     if (ok < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_ticket(PyObject *op, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(
+        bpn_delivery_ticket(ENGINE_CAST(op)->e->delivery));
+}
+
+static PyObject *Engine_ticket_done(PyObject *op, PyObject *arg) {
+    unsigned long long t = PyLong_AsUnsignedLongLong(arg);
+    if (t == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(
+        bpn_delivery_ticket_done(ENGINE_CAST(op)->e->delivery, t));
+}
+
+static PyObject *Engine_watch(PyObject *op, PyObject *flag) {
+    int on = PyObject_IsTrue(flag);
+    if (on < 0) return NULL;
+    bpn_delivery_watch(ENGINE_CAST(op)->e->delivery, on);
     Py_RETURN_NONE;
 }
 
@@ -512,6 +535,12 @@ static PyMethodDef Engine_methods[] = {
     {"flush", Engine_flush, METH_O, "flush(timeout) -> bool; releases the GIL"},
     {"close", Engine_close, METH_O, "close(timeout); releases the GIL"},
     {"pump_logs", Engine_pump_logs, METH_NOARGS, NULL},
+    {"ticket", Engine_ticket, METH_NOARGS,
+     "ticket() -> id of the last delivery submitted so far"},
+    {"ticket_done", Engine_ticket_done, METH_O,
+     "ticket_done(t) -> every delivery up to t is finished"},
+    {"watch", Engine_watch, METH_O,
+     "watch(on): while on, progress wakes drain waiters"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -98,7 +98,9 @@ struct bpn_delivery {
     int wake_posted;
     int stop;
     int thread_started, joined;
-    uint64_t next_id;
+    uint64_t next_id;   /* id of the last delivery submitted */
+    uint64_t low_water; /* every id below it is finished */
+    unsigned waiters;   /* flush/drain waiters: publish low_water */
     bpn_delivery_stats stats;
     dlv **dead; /* ring of cfg.max_dead_letters */
     size_t dead_start, dead_count;
@@ -119,6 +121,7 @@ struct bpn_delivery {
     transfer *pool;
     unsigned inflight;
     uint64_t done_unpublished;
+    uint64_t absorbed_id; /* id of the last delivery taken into a lane */
     uint64_t rng;
 };
 
@@ -595,19 +598,42 @@ static void fire_timers(bpn_delivery *d, uint64_t now) {
         ready_push(d, heap_pop(d));
 }
 
-/* Takes submissions into lanes and publishes finished counts (waking
- * flush() and drain waiters at zero). Returns 1 when asked to stop. */
+/* Returns the lowest id that may still be outstanding: the smallest lane
+ * head, or the next id after everything absorbed. (Lanes hold ids in
+ * increasing order; ids not yet absorbed are larger than any absorbed.) */
+static void lane_low(bpn_map_node *node, void *arg) {
+    uint64_t *low = arg;
+    lane *l = BPN_CONTAINER_OF(node, lane, node);
+    if (l->head && l->head->id < *low) *low = l->head->id;
+}
+
+static uint64_t compute_low_water(bpn_delivery *d) {
+    uint64_t low = d->absorbed_id + 1;
+    bpn_map_each(&d->lanes, lane_low, &low);
+    return low;
+}
+
+/* Takes submissions into lanes and publishes progress: the pending count
+ * (waking flush() and drain waiters at zero) and, while someone waits on a
+ * ticket, the low-water id. Returns 1 when asked to stop. */
 static int sync_with_callers(bpn_delivery *d) {
-    int drained = 0, stop;
+    int signal = 0, stop, watched;
     pthread_mutex_lock(&d->mu);
     dlv *x = d->submit_head;
     d->submit_head = d->submit_tail = NULL;
     d->wake_posted = 0;
     stop = d->stop;
+    if (d->done_unpublished) {
+        d->stats.pending -= d->done_unpublished;
+        d->done_unpublished = 0;
+        if (d->stats.pending == 0) signal = 1;
+    }
+    watched = d->waiters > 0;
     pthread_mutex_unlock(&d->mu);
     while (x) {
         dlv *next = x->next;
         x->next = NULL;
+        d->absorbed_id = x->id;
         if (lane_append(d, x) < 0) {
             snprintf(x->last_error, ERR_MAX, "out of memory queueing delivery");
             pthread_mutex_lock(&d->mu);
@@ -617,17 +643,21 @@ static int sync_with_callers(bpn_delivery *d) {
         }
         x = next;
     }
-    if (d->done_unpublished) {
+    if (watched) {
+        uint64_t low = compute_low_water(d);
         pthread_mutex_lock(&d->mu);
-        d->stats.pending -= d->done_unpublished;
-        d->done_unpublished = 0;
-        if (d->stats.pending == 0) {
-            pthread_cond_broadcast(&d->cond);
-            drained = 1;
+        if (low > d->low_water) {
+            d->low_water = low;
+            signal = 1;
         }
         pthread_mutex_unlock(&d->mu);
     }
-    if (drained && d->on_drained) d->on_drained(d->drained_arg);
+    if (signal) {
+        pthread_mutex_lock(&d->mu);
+        pthread_cond_broadcast(&d->cond);
+        pthread_mutex_unlock(&d->mu);
+        if (d->on_drained) d->on_drained(d->drained_arg);
+    }
     return stop;
 }
 
@@ -718,6 +748,7 @@ int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
         goto error;
     }
     d->rng |= 1;
+    d->low_water = 1; /* ids start at 1 */
     if (bpn_map_init(&d->lanes) < 0 || bpn_map_init(&d->hosts) < 0) goto error;
     if (pthread_mutex_init(&d->mu, NULL) != 0) goto error;
     if (pthread_cond_init(&d->cond, NULL) != 0) {
@@ -824,9 +855,13 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
     return BPN_OK;
 }
 
-/* Waits on the condition until pending is zero or the deadline passes.
- * Called with d->mu held. */
-static int wait_drained_locked(bpn_delivery *d, int64_t timeout_ms) {
+static int ticket_done_locked(bpn_delivery *d, uint64_t ticket) {
+    return d->stats.pending == 0 || d->low_water > ticket;
+}
+
+/* Waits on the condition until the ticket is done (every delivery if
+ * ticket is UINT64_MAX) or the deadline passes. Called with d->mu held. */
+static int wait_locked(bpn_delivery *d, uint64_t ticket, int64_t timeout_ms) {
     struct timespec deadline;
     if (timeout_ms >= 0) {
         clock_gettime(CLOCK_REALTIME, &deadline);
@@ -837,7 +872,7 @@ static int wait_drained_locked(bpn_delivery *d, int64_t timeout_ms) {
             deadline.tv_nsec -= 1000000000L;
         }
     }
-    while (d->stats.pending > 0) {
+    while (!ticket_done_locked(d, ticket)) {
         if (timeout_ms < 0) {
             pthread_cond_wait(&d->cond, &d->mu);
         } else if (pthread_cond_timedwait(&d->cond, &d->mu, &deadline) ==
@@ -845,25 +880,60 @@ static int wait_drained_locked(bpn_delivery *d, int64_t timeout_ms) {
             break;
         }
     }
-    return d->stats.pending == 0;
+    return ticket_done_locked(d, ticket);
+}
+
+uint64_t bpn_delivery_ticket(bpn_delivery *d) {
+    pthread_mutex_lock(&d->mu);
+    uint64_t t = d->next_id;
+    pthread_mutex_unlock(&d->mu);
+    return t;
+}
+
+int bpn_delivery_ticket_done(bpn_delivery *d, uint64_t ticket) {
+    pthread_mutex_lock(&d->mu);
+    int done = ticket_done_locked(d, ticket);
+    pthread_mutex_unlock(&d->mu);
+    return done;
+}
+
+void bpn_delivery_watch(bpn_delivery *d, int on) {
+    pthread_mutex_lock(&d->mu);
+    if (on)
+        d->waiters++;
+    else if (d->waiters > 0)
+        d->waiters--;
+    pthread_mutex_unlock(&d->mu);
+    /* The thread publishes the low-water id on its next round. */
+    if (on) curl_multi_wakeup(d->multi);
+}
+
+int bpn_delivery_wait(bpn_delivery *d, uint64_t ticket, int64_t timeout_ms) {
+    pthread_mutex_lock(&d->mu);
+    int done = ticket_done_locked(d, ticket);
+    pthread_mutex_unlock(&d->mu);
+    if (done) return 1;
+    bpn_delivery_watch(d, 1);
+    pthread_mutex_lock(&d->mu);
+    done = wait_locked(d, ticket, timeout_ms);
+    pthread_mutex_unlock(&d->mu);
+    bpn_delivery_watch(d, 0);
+    return done;
 }
 
 int bpn_delivery_flush(bpn_delivery *d, int64_t timeout_ms) {
-    pthread_mutex_lock(&d->mu);
-    int ok = wait_drained_locked(d, timeout_ms);
-    pthread_mutex_unlock(&d->mu);
-    return ok;
+    return bpn_delivery_wait(d, bpn_delivery_ticket(d), timeout_ms);
 }
 
 void bpn_delivery_close(bpn_delivery *d, int64_t timeout_ms) {
     pthread_mutex_lock(&d->mu);
     if (d->joined || d->stop) {
         /* Another close is (or was) joining; wait for its end. */
-        wait_drained_locked(d, -1);
+        wait_locked(d, UINT64_MAX, -1);
         pthread_mutex_unlock(&d->mu);
         return;
     }
-    wait_drained_locked(d, timeout_ms);
+    wait_locked(d, UINT64_MAX, timeout_ms);
     d->stop = 1;
     pthread_mutex_unlock(&d->mu);
     curl_multi_wakeup(d->multi);

@@ -59,7 +59,8 @@ typedef struct {
 
 /* Creates the engine and starts its thread. on_drained(arg) is called from
  * the delivery thread, with no lock held, each time the pending count
- * returns to zero. Returns 0 and sets *out, or an error with a message. */
+ * returns to zero or, while watched, the finished low-water id advances.
+ * Returns 0 and sets *out, or an error with a message. */
 int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
                      void *arg, bpn_delivery **out, char *err, size_t errlen);
 
@@ -73,8 +74,19 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
                         const char *url, size_t url_len, const char *origin,
                         bpn_event *ev);
 
-/* Waits until no delivery is pending or timeout_ms passes (negative: no
- * limit). Returns 1 if drained. Blocks: call without the GIL. */
+/* Tickets: "everything submitted so far". ticket() is the id of the last
+ * delivery submitted; a ticket is done once every delivery with an id up to
+ * it is delivered or dead-lettered (deliveries submitted later do not
+ * matter). While at least one watch is on, the thread publishes progress
+ * and calls on_drained when it advances. */
+uint64_t bpn_delivery_ticket(bpn_delivery *d);
+int bpn_delivery_ticket_done(bpn_delivery *d, uint64_t ticket);
+void bpn_delivery_watch(bpn_delivery *d, int on);
+
+/* Waits until the ticket is done or timeout_ms passes (negative: no limit).
+ * Returns 1 if done. Blocks: call without the GIL. */
+int bpn_delivery_wait(bpn_delivery *d, uint64_t ticket, int64_t timeout_ms);
+/* bpn_delivery_wait on a ticket taken now. */
 int bpn_delivery_flush(bpn_delivery *d, int64_t timeout_ms);
 
 /* Waits up to timeout_ms for pending deliveries, then stops the thread and
