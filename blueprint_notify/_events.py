@@ -40,6 +40,14 @@ _CODES = {status: i for i, status in enumerate(JobStatus)}
 _BY_CODE = list(JobStatus)
 
 
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -115,6 +123,19 @@ class JobEvent:
             parts += [',"error":', _encode(self.error)]
         parts += [',"timestamp":', str(self.timestamp), "}"]
         return "".join(parts)
+
+    def _json_bytes(self) -> bytes:
+        """to_json() as the UTF-8 bytes sent; ValueError naming the field
+        that holds a lone surrogate (no UTF-8 form)."""
+        text = self.to_json()
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            bad = "error" if self.error is not None and not _utf8_ok(self.error) else "result"
+            raise ValueError(
+                f"{bad} must be valid Unicode text (it contains a lone surrogate, "
+                "which has no UTF-8 form)"
+            ) from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobEvent:

@@ -109,7 +109,7 @@ class JobNotifier:
                 "webhook_url given but signing_secret is empty: webhooks cannot be "
                 "signed (set NotifierConfig.signing_secret)"
             )
-        body = event.to_json().encode("utf-8")
+        body = event._json_bytes()
         self._engine.notify(job_id, event.status._code, body, webhook_url)
 
     def subscribe(self, job_id: str) -> Subscription:
@@ -241,6 +241,16 @@ class JobNotifier:
         # Wait on the loop (a receiver may run on it), then close at once.
         await self.drain(self._config.close_timeout_secs)
         self.close(0)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None and not engine.closed:
+            logger.warning(
+                "JobNotifier garbage-collected without close(): closing now; "
+                "%d pending deliveries are dead-lettered",
+                engine.pending(),
+            )
+            engine.close(0)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

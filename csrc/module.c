@@ -81,6 +81,13 @@ static int get_str(PyObject *o, const char *field, const char **s,
         return -1;
     }
     *s = PyUnicode_AsUTF8AndSize(o, n);
+    if (!*s && PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be valid Unicode text (it contains a lone "
+                     "surrogate, which has no UTF-8 form)",
+                     field);
+    }
     return *s ? 0 : -1;
 }
 
@@ -153,7 +160,9 @@ static void pump_logs(EngineObject *self) {
     list = PyList_New((Py_ssize_t)n);
     if (!list) goto error;
     for (size_t i = 0; i < n; i++) {
-        PyObject *item = Py_BuildValue("(is)", recs[i].level, recs[i].msg);
+        PyObject *msg =
+            PyUnicode_DecodeUTF8(recs[i].msg, strlen(recs[i].msg), "replace");
+        PyObject *item = msg ? Py_BuildValue("(iN)", recs[i].level, msg) : NULL;
         if (!item) goto error;
         PyList_SET_ITEM(list, (Py_ssize_t)i, item);
     }
@@ -259,6 +268,18 @@ static void Engine_dealloc(PyObject *op) {
     EngineObject *self = ENGINE_CAST(op);
     PyTypeObject *tp = Py_TYPE(op);
     PyObject_GC_UnTrack(op);
+    if (self->e && !self->closed) {
+        /* Never closed: dead-letter what is pending and log it, so nothing
+         * vanishes without a trace. */
+        bpn_engine *e = self->e;
+        Py_BEGIN_ALLOW_THREADS
+            bpn_engine_close(e, 0);
+        Py_END_ALLOW_THREADS
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        pump_logs(self);
+        PyErr_Restore(et, ev, tb);
+    }
     if (self->e) {
         bpn_engine *e = self->e;
         self->e = NULL;

@@ -137,9 +137,12 @@ uint64_t bpn_backoff_ms(uint64_t base, uint32_t n, uint64_t cap, uint64_t rnd) {
     else
         delay = base << shift;
     if (delay > cap) delay = cap;
-    /* Jitter in [0.8, 1.2): spreads retries of many jobs failing together. */
+    /* Jitter in [0.8, 1.2): spreads retries of many jobs failing together.
+     * Saturating: no wrap-around whatever the cap. */
+    uint64_t lo = delay - delay / 5;
     uint64_t span = delay / 5 * 2;
-    uint64_t jittered = delay - delay / 5 + (span ? rnd % span : 0);
+    uint64_t add = span ? rnd % span : 0;
+    uint64_t jittered = add > UINT64_MAX - lo ? UINT64_MAX : lo + add;
     return jittered > cap ? cap : jittered;
 }
 
@@ -163,8 +166,14 @@ static void log_locked(bpn_delivery *d, int level, const char *fmt, ...) {
     r->level = level;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(r->msg, sizeof(r->msg), fmt, ap);
+    int n = vsnprintf(r->msg, sizeof(r->msg), fmt, ap);
     va_end(ap);
+    if (n >= (int)sizeof(r->msg)) {
+        /* Truncated: cut back to a UTF-8 character boundary. */
+        size_t end = sizeof(r->msg) - 1;
+        while (end > 0 && ((unsigned char)r->msg[end] & 0xc0) == 0x80) end--;
+        r->msg[end] = '\0';
+    }
     d->log_count++;
     atomic_store_explicit(&d->has_logs, 1, memory_order_release);
 }
@@ -690,6 +699,12 @@ static void abandon_lane(bpn_map_node *node, void *arg) {
     free(l);
 }
 
+static void unlink_blocked(bpn_map_node *node, void *arg) {
+    host *h = BPN_CONTAINER_OF(node, host, node);
+    (void)arg;
+    h->blocked_head = h->blocked_tail = NULL;
+}
+
 static void *run(void *arg) {
     bpn_delivery *d = arg;
     while (!sync_with_callers(d)) {
@@ -701,8 +716,11 @@ static void *run(void *arg) {
         int left;
         while ((msg = curl_multi_info_read(d->multi, &left)))
             if (msg->msg == CURLMSG_DONE) on_done(d, msg);
-        /* Publish finished work and start the next at once. */
-        if (d->done_unpublished || d->ready_head) continue;
+        /* Publish finished work and start the next at once. Ready lanes
+         * left over wait for a slot: a finished transfer frees one. */
+        if (d->done_unpublished ||
+            (d->ready_head && d->inflight < d->cfg.max_connections))
+            continue;
         int timeout = 1000;
         if (d->heap_len > 0) {
             uint64_t now = bpn_now_ms(), due = d->heap[0]->due_ms;
@@ -713,10 +731,13 @@ static void *run(void *arg) {
         curl_multi_poll(d->multi, NULL, 0, timeout, NULL);
     }
     /* Stop: everything still queued becomes a dead letter. The last sync
-     * took every submission: the hub refuses new ones before stop is set. */
-    bpn_map_each(&d->lanes, abandon_lane, d);
+     * took every submission: the hub refuses new ones before stop is set.
+     * Unlink every queue first: abandon_lane frees lanes in map order. */
     d->ready_head = d->ready_tail = NULL;
     d->heap_len = 0;
+    bpn_map_each(&d->hosts, unlink_blocked, NULL);
+    bpn_map_each(&d->lanes, abandon_lane, d);
+    d->ready_head = d->ready_tail = NULL;
     sync_with_callers(d);
     return NULL;
 }
