@@ -43,7 +43,8 @@ if flag("BPN_DEBUG"):
     compile_args += ["-O0", "-g3", "-UNDEBUG"]
 if flag("BPN_ASAN"):
     san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    compile_args += san + ["-O1", "-g"]
+    # CPython's flags include -fwrapv, which would hide signed overflow from UBSan.
+    compile_args += san + ["-O1", "-g", "-fno-wrapv"]
     link_args += san
 
 cflags = pkg_config("--cflags")

@@ -169,10 +169,15 @@ static void log_locked(bpn_delivery *d, int level, const char *fmt, ...) {
     int n = vsnprintf(r->msg, sizeof(r->msg), fmt, ap);
     va_end(ap);
     if (n >= (int)sizeof(r->msg)) {
-        /* Truncated: cut back to a UTF-8 character boundary. */
-        size_t end = sizeof(r->msg) - 1;
-        while (end > 0 && ((unsigned char)r->msg[end] & 0xc0) == 0x80) end--;
-        r->msg[end] = '\0';
+        /* Truncated: drop an incomplete UTF-8 sequence at the end. */
+        size_t end = sizeof(r->msg) - 1, lead = end;
+        while (lead > 0 && ((unsigned char)r->msg[lead - 1] & 0xc0) == 0x80)
+            lead--;
+        if (lead > 0) {
+            unsigned char c = (unsigned char)r->msg[lead - 1];
+            size_t want = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+            if (lead - 1 + want > end) r->msg[lead - 1] = '\0';
+        }
     }
     d->log_count++;
     atomic_store_explicit(&d->has_logs, 1, memory_order_release);
