@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Checks the system packages the build needs and installs the missing ones
+# with apt (running `apt-get update` once first) when run as root on Debian
+# or Ubuntu. Otherwise prints what to install and fails. Quiet when nothing
+# is missing.
+#
+#   libcurl4-openssl-dev libssl-dev pkg-config   libcurl and OpenSSL flags
+#   gcc                                          the C compiler
+#   python3-dev python3-venv                     only for the system python3
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+missing=()
+
+if ! command -v pkg-config >/dev/null 2>&1; then
+    missing+=(pkg-config libcurl4-openssl-dev libssl-dev)
+else
+    pkg-config --exists libcurl || missing+=(libcurl4-openssl-dev)
+    pkg-config --exists libcrypto || missing+=(libssl-dev)
+fi
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+
+# Headers and venv support of Debian's own interpreter come as packages;
+# an interpreter built from source (pyenv, python.org) has both.
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "sysdeps: $PYTHON not found (set PYTHON=...)" >&2
+    exit 1
+fi
+if [[ "$("$PYTHON" -c 'import sys; print(sys.base_prefix)')" == /usr ]]; then
+    "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || missing+=(python3-dev)
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+fi
+
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+echo "sysdeps: missing: ${missing[*]}"
+if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "sysdeps: install them first, e.g. sudo apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends --no-upgrade "${missing[@]}" </dev/null
