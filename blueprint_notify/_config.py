@@ -58,6 +58,9 @@ class NotifierConfig:
     max_response_bytes: int = 64 * 1024
     #: How long close() (and interpreter exit) waits for pending deliveries.
     close_timeout_secs: float = 10.0
+    #: After a terminal event, how long the job's history and token stay
+    #: (late or reconnecting SSE clients get the replay), in seconds.
+    retention_secs: float = 300.0
     #: User-Agent header of webhook requests.
     user_agent: str = f"blueprint-notify/{__version__}"
 
@@ -84,6 +87,7 @@ class NotifierConfig:
             )
         _int_in("max_response_bytes", self.max_response_bytes, 0, 1 << 30)
         _secs_in("close_timeout_secs", self.close_timeout_secs, 0, 86_400)
+        _secs_in("retention_secs", self.retention_secs, 0, 7 * 86_400)
         if not isinstance(self.user_agent, str):
             raise TypeError("user_agent must be a str")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in self.user_agent) or "\x00" in self.user_agent:

@@ -68,6 +68,7 @@ class JobNotifier:
             max_response_bytes=config.max_response_bytes,
             user_agent=config.user_agent,
             log_sink=_emit_logs,
+            retention_ms=round(config.retention_secs * 1000),
         )
         self._hubs: dict[asyncio.AbstractEventLoop, _LoopHub] = {}
         self._hubs_lock = threading.Lock()
@@ -112,20 +113,29 @@ class JobNotifier:
         body = event._json_bytes()
         self._engine.notify(job_id, event.status._code, body, webhook_url)
 
-    def subscribe(self, job_id: str) -> Subscription:
-        """Subscribes the running event loop to the job's live events (those
-        published from now on). Raises ChannelLimitError at max_channels,
-        RuntimeError outside a running loop or after close()."""
+    def subscribe(self, job_id: str, *, last_event_id: int | None = None) -> Subscription:
+        """Subscribes the running event loop to the job's events: those
+        published from now on or, with ``last_event_id``, every retained
+        event after that sequence number (0: from the job's first event).
+        Raises ChannelLimitError at max_channels, RuntimeError outside a
+        running loop or after close()."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError("subscribe() must be called from a running event loop") from None
         if self._engine.closed:
             raise RuntimeError("notifier is closed")
+        after = -1
+        if last_event_id is not None:
+            if isinstance(last_event_id, bool) or not isinstance(last_event_id, int):
+                raise TypeError("last_event_id must be an int or None")
+            if last_event_id < 0:
+                raise ValueError(f"last_event_id must not be negative, got {last_event_id}")
+            after = last_event_id
         hub = self._hub_for(loop)
         hub.acquire()
         try:
-            return Subscription(self, job_id, hub)
+            return Subscription(self, job_id, hub, after=after)
         finally:
             hub.release()
 
@@ -165,7 +175,8 @@ class JobNotifier:
         self._engine.clear_dead_letters()
 
     def active_channels(self) -> int:
-        """Live (registered or subscribed, non-terminal) job channels."""
+        """Live (registered or subscribed, non-terminal) job channels.
+        Jobs retained after their terminal event are not counted."""
         return self._engine.active_channels()
 
     def pending(self) -> int:

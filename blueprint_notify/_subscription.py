@@ -117,7 +117,7 @@ class Subscription:
     :class:`SubscriptionLagged` from its next read, then continues.
     """
 
-    def __init__(self, notifier: JobNotifier, job_id: str, hub: _LoopHub) -> None:
+    def __init__(self, notifier: JobNotifier, job_id: str, hub: _LoopHub, *, after: int = -1) -> None:
         self._hub: _LoopHub | None = None
         self._loop = hub.loop
         self._buf: collections.deque[JobEvent] = collections.deque()
@@ -128,7 +128,7 @@ class Subscription:
         #: Sequence number of the last event returned (0: none yet).
         self.last_event_id = 0
         self._seqs: collections.deque[int] = collections.deque()
-        self._core = notifier._engine.subscribe(job_id, hub.waker, _on_ready_for(self))
+        self._core = notifier._engine.subscribe(job_id, hub.waker, _on_ready_for(self), None, after)
         hub.acquire()
         self._hub = hub
 

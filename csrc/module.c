@@ -194,11 +194,12 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                              "max_response_bytes",
                              "user_agent",
                              "log_sink",
+                             "retention_ms",
                              NULL};
     const char *secret = "", *user_agent = "blueprint-notify";
     Py_ssize_t secret_len = 0;
     unsigned long long max_retries = 3, base = 1000, max_delay = 300000,
-                       timeout = 10000;
+                       timeout = 10000, retention = 300000;
     Py_ssize_t capacity = 16, max_channels = 10000, max_dead = 1000,
                max_body = 65536;
     int allow_private = 0;
@@ -206,10 +207,10 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     PyObject *log_sink = Py_None;
     char err[ERRLEN];
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "|$y#KKKKnnnpIInsO", kwlist, &secret, &secret_len,
+            args, kw, "|$y#KKKKnnnpIInsOK", kwlist, &secret, &secret_len,
             &max_retries, &base, &max_delay, &timeout, &capacity, &max_channels,
             &max_dead, &allow_private, &max_conns, &max_host, &max_body,
-            &user_agent, &log_sink))
+            &user_agent, &log_sink, &retention))
         return NULL;
     if (capacity < 1 || max_channels < 0 || max_dead < 0 || max_body < 0 ||
         max_conns < 1 || max_host < 1 || max_retries > UINT32_MAX ||
@@ -239,6 +240,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
             },
         .sse_capacity = (size_t)capacity,
         .max_channels = (size_t)max_channels,
+        .retention_ms = retention,
     };
     EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
@@ -496,15 +498,19 @@ static PyObject *Engine_get_closed(PyObject *op, void *closure) {
     return PyBool_FromLong(ENGINE_CAST(op)->closed);
 }
 
-/* subscribe(job_id, waker, on_ready) -> Subscriber */
+/* subscribe(job_id, waker, on_ready, token=None, after=-1) -> Subscriber
+ * token: None (create the channel if needed) or the job's bearer token
+ * (PermissionError if wrong or unknown job). after: -1 live, -2 from the
+ * first event, or a sequence number already seen. */
 static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
                                   Py_ssize_t nargs) {
     EngineObject *self = ENGINE_CAST(op);
     module_state *st = state_of_type(Py_TYPE(op));
-    const char *id;
-    Py_ssize_t len;
+    const char *id, *token = NULL;
+    Py_ssize_t len, token_len = 0;
+    long long after = BPN_FROM_LIVE;
     if (!st) return NULL;
-    if (!check_nargs("subscribe", nargs, 3, 3)) return NULL;
+    if (!check_nargs("subscribe", nargs, 3, 5)) return NULL;
     if (get_job_id(args[0], &id, &len) < 0) return NULL;
     if (!PyObject_TypeCheck(args[1], st->waker_type)) {
         PyErr_SetString(PyExc_TypeError, "waker must be a Waker");
@@ -520,6 +526,17 @@ static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "on_ready must be callable");
         return NULL;
     }
+    if (nargs > 3 && args[3] != Py_None &&
+        get_str(args[3], "token", &token, &token_len) < 0)
+        return NULL;
+    if (nargs > 4) {
+        after = PyLong_AsLongLong(args[4]);
+        if (after == -1 && PyErr_Occurred()) return NULL;
+        if (after < BPN_FROM_OLDEST) {
+            PyErr_SetString(PyExc_ValueError, "after out of range");
+            return NULL;
+        }
+    }
     SubscriberObject *sub =
         PyObject_GC_New(SubscriberObject, st->subscriber_type);
     if (!sub) return NULL;
@@ -528,7 +545,8 @@ static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
     sub->on_ready = Py_NewRef(args[2]);
     sub->job_id = Py_NewRef(args[0]);
     int rc =
-        bpn_sub_new(&self->e->hub, id, (size_t)len, waker->w, sub, &sub->s);
+        bpn_sub_new(&self->e->hub, id, (size_t)len, token, (size_t)token_len,
+                    (int64_t)after, waker->w, sub, &sub->s);
     if (rc != BPN_OK) {
         Py_DECREF(sub);
         return raise_core_error(rc, Py_TYPE(op));
@@ -536,6 +554,12 @@ static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
     waker->nsubs++;
     PyObject_GC_Track(sub);
     return (PyObject *)sub;
+}
+
+static PyObject *Engine_sweep(PyObject *op, PyObject *unused) {
+    (void)unused;
+    bpn_hub_sweep(&ENGINE_CAST(op)->e->hub);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef Engine_methods[] = {
@@ -547,7 +571,8 @@ static PyMethodDef Engine_methods[] = {
     {"notify", (PyCFunction)(void (*)(void))Engine_notify, METH_FASTCALL,
      "notify(job_id, status, event_json, webhook_url) -> seq"},
     {"subscribe", (PyCFunction)(void (*)(void))Engine_subscribe, METH_FASTCALL,
-     "subscribe(job_id, waker, on_ready) -> Subscriber"},
+     "subscribe(job_id, waker, on_ready, token=None, after=-1) -> Subscriber"},
+    {"sweep", Engine_sweep, METH_NOARGS, "frees retained jobs past retention"},
     {"active_channels", Engine_active_channels, METH_NOARGS, NULL},
     {"pending", Engine_pending, METH_NOARGS, NULL},
     {"stats", Engine_stats, METH_NOARGS, NULL},
@@ -793,6 +818,41 @@ exit:
     return result;
 }
 
+/* pull_frames(max=64) -> (frames: bytes, skipped, ended, last_seq)
+ * frames are the SSE frames of the events, concatenated. */
+static PyObject *Subscriber_pull_frames(PyObject *op, PyObject *const *args,
+                                        Py_ssize_t nargs) {
+    SubscriberObject *self = SUBSCRIBER_CAST(op);
+    bpn_event *evs[PULL_MAX];
+    Py_ssize_t max = 64;
+    PyObject *frames = NULL, *result = NULL;
+    if (!check_nargs("pull_frames", nargs, 0, 1)) return NULL;
+    if (nargs == 1) {
+        max = PyLong_AsSsize_t(args[0]);
+        if (max == -1 && PyErr_Occurred()) return NULL;
+    }
+    if (max < 1 || max > PULL_MAX) max = max < 1 ? 1 : PULL_MAX;
+    if (!self->s)
+        return Py_BuildValue("(y#KiK)", "", (Py_ssize_t)0, 0ULL, 1, 0ULL);
+    bpn_pull_result r = bpn_sub_pull(self->s, evs, (size_t)max);
+    size_t total = 0;
+    for (size_t i = 0; i < r.n; i++) total += evs[i]->frame_len;
+    frames = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!frames) goto exit;
+    char *p = PyBytes_AS_STRING(frames);
+    for (size_t i = 0; i < r.n; i++) {
+        memcpy(p, evs[i]->frame, evs[i]->frame_len);
+        p += evs[i]->frame_len;
+    }
+    result =
+        Py_BuildValue("(OKiK)", frames, (unsigned long long)r.skipped, r.ended,
+                      (unsigned long long)(r.n ? evs[r.n - 1]->seq : 0));
+exit:
+    for (size_t i = 0; i < r.n; i++) bpn_event_unref(evs[i]);
+    Py_XDECREF(frames);
+    return result;
+}
+
 static PyObject *Subscriber_close(PyObject *op, PyObject *unused) {
     (void)unused;
     subscriber_detach(SUBSCRIBER_CAST(op));
@@ -813,6 +873,9 @@ static PyObject *Subscriber_get_closed(PyObject *op, void *closure) {
 static PyMethodDef Subscriber_methods[] = {
     {"pull", (PyCFunction)(void (*)(void))Subscriber_pull, METH_FASTCALL,
      "pull(max=64) -> (events, skipped, ended)"},
+    {"pull_frames", (PyCFunction)(void (*)(void))Subscriber_pull_frames,
+     METH_FASTCALL,
+     "pull_frames(max=64) -> (frames, skipped, ended, last_seq)"},
     {"close", Subscriber_close, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

@@ -246,10 +246,15 @@ def test_sse_auth_register_and_validate(make_notifier) -> None:
     assert renewed != token
     assert n.validate_job_token("auth-job", renewed)
     assert not n.validate_job_token("auth-job", token), "registering again replaces the token"
-    # A terminal event ends the job: its token is gone with its channel.
+    # A terminal event ends the job; its token stays valid for the retention
+    # window (so late SSE clients get the replay), then it is gone.
     n.notify("auth-job", JobEvent(JobStatus.COMPLETED))
-    assert not n.validate_job_token("auth-job", renewed)
+    assert n.validate_job_token("auth-job", renewed)
     assert n.validate_job_token("auth-job-2", other)
+    short = make_notifier(retention_secs=0)
+    tok = short.register_job("auth-job")
+    short.notify("auth-job", JobEvent(JobStatus.COMPLETED))
+    assert not short.validate_job_token("auth-job", tok)
 
 
 def test_webhook_e2e_delivery_and_signature_verification(make_notifier, make_receiver) -> None:

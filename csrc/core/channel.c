@@ -19,6 +19,8 @@ struct bpn_job {
     size_t count;      /* events held in the ring */
     bpn_event **ring;  /* hub->capacity slots, indexed by seq % capacity */
     bpn_sub *subs;
+    uint64_t expires_ms; /* when retained: end of retention */
+    bpn_job *rnext;      /* in the hub's retained FIFO */
     size_t id_len;
     char id[];
 };
@@ -45,10 +47,12 @@ struct bpn_waker {
 
 /* ---- hub ---------------------------------------------------------------- */
 
-int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels) {
+int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels,
+                 uint64_t retention_ms) {
     memset(hub, 0, sizeof(*hub));
     hub->capacity = capacity ? capacity : 1;
     hub->max_channels = max_channels;
+    hub->retention_ms = retention_ms;
     if (bpn_map_init(&hub->jobs) < 0) return BPN_ENOMEM;
     if (pthread_mutex_init(&hub->mu, NULL) != 0) {
         bpn_map_fini(&hub->jobs);
@@ -90,34 +94,101 @@ static bpn_job *find_job(bpn_hub *hub, const char *id, size_t len) {
     return n ? BPN_CONTAINER_OF(n, bpn_job, node) : NULL;
 }
 
-/* Returns the job's channel, creating it; NULL with *err set on failure. */
+/* Removes a job from the table (subscribers may still hold it). */
+static void drop_from_table(bpn_hub *hub, bpn_job *job) {
+    bpn_map_remove(&hub->jobs, &job->node);
+    job->in_table = 0;
+    job->has_token = 0;
+    job_unref(hub, job);
+}
+
+/* Unlinks the oldest retained job and drops it from the table. */
+static void drop_oldest_retained(bpn_hub *hub) {
+    bpn_job *job = hub->retained_head;
+    hub->retained_head = job->rnext;
+    if (!hub->retained_head) hub->retained_tail = NULL;
+    job->rnext = NULL;
+    hub->retained--;
+    drop_from_table(hub, job);
+}
+
+/* Unlinks a retained job from anywhere in the FIFO and drops it. */
+static void drop_retained(bpn_hub *hub, bpn_job *job) {
+    bpn_job **p = &hub->retained_head, *prev = NULL;
+    while (*p && *p != job) {
+        prev = *p;
+        p = &(*p)->rnext;
+    }
+    if (!*p) return;
+    *p = job->rnext;
+    if (hub->retained_tail == job) hub->retained_tail = prev;
+    job->rnext = NULL;
+    hub->retained--;
+    drop_from_table(hub, job);
+}
+
+static void sweep_locked(bpn_hub *hub) {
+    if (!hub->retained_head) return;
+    uint64_t now = bpn_now_ms();
+    while (hub->retained_head && hub->retained_head->expires_ms <= now)
+        drop_oldest_retained(hub);
+}
+
+void bpn_hub_sweep(bpn_hub *hub) {
+    bpn_hub_lock(hub);
+    sweep_locked(hub);
+    bpn_hub_unlock(hub);
+}
+
+/* A terminal job: keep its history and token for the retention period. */
+static void retain_locked(bpn_hub *hub, bpn_job *job) {
+    hub->live--;
+    if (hub->retention_ms == 0) {
+        drop_from_table(hub, job);
+        return;
+    }
+    job->expires_ms = bpn_now_ms() + hub->retention_ms;
+    job->rnext = NULL;
+    if (hub->retained_tail)
+        hub->retained_tail->rnext = job;
+    else
+        hub->retained_head = job;
+    hub->retained_tail = job;
+    hub->retained++;
+    if (hub->retained > hub->max_channels) drop_oldest_retained(hub);
+}
+
+/* Returns the job's live channel, creating it (a retained terminal job of
+ * the same id gives way to the new one); NULL with *err set on failure. */
 static bpn_job *get_or_create_job(bpn_hub *hub, const char *id, size_t len,
                                   int *err) {
     bpn_job *job = find_job(hub, id, len);
-    if (job) return job;
+    if (job && !job->terminal) return job;
     if (hub->closed) {
         *err = BPN_ECLOSED;
         return NULL;
     }
-    if (hub->jobs.count >= hub->max_channels) {
+    if (hub->live >= hub->max_channels) {
         *err = BPN_ELIMIT;
         return NULL;
     }
-    job = calloc(1, sizeof(*job) + len + 1);
-    if (!job) goto nomem;
-    job->ring = calloc(hub->capacity, sizeof(*job->ring));
-    if (!job->ring) goto nomem;
-    memcpy(job->id, id, len);
-    job->id_len = len;
-    job->next_seq = 1;
-    job->refs = 1;
-    job->in_table = 1;
-    job->node.key = job->id;
-    job->node.klen = len;
-    bpn_map_insert(&hub->jobs, &job->node);
-    return job;
+    bpn_job *fresh = calloc(1, sizeof(*fresh) + len + 1);
+    if (!fresh) goto nomem;
+    fresh->ring = calloc(hub->capacity, sizeof(*fresh->ring));
+    if (!fresh->ring) goto nomem;
+    if (job) drop_retained(hub, job);
+    memcpy(fresh->id, id, len);
+    fresh->id_len = len;
+    fresh->next_seq = 1;
+    fresh->refs = 1;
+    fresh->in_table = 1;
+    fresh->node.key = fresh->id;
+    fresh->node.klen = len;
+    bpn_map_insert(&hub->jobs, &fresh->node);
+    hub->live++;
+    return fresh;
 nomem:
-    free(job);
+    free(fresh);
     *err = BPN_ENOMEM;
     return NULL;
 }
@@ -128,6 +199,7 @@ int bpn_hub_register(bpn_hub *hub, const char *id, size_t len,
     char token[BPN_TOKEN_HEX_LEN];
     if (bpn_token_new(token) < 0) return BPN_ESYS;
     bpn_hub_lock(hub);
+    sweep_locked(hub);
     bpn_job *job = get_or_create_job(hub, id, len, &err);
     if (job) {
         memcpy(job->token, token, sizeof(token));
@@ -138,20 +210,25 @@ int bpn_hub_register(bpn_hub *hub, const char *id, size_t len,
     return err;
 }
 
+/* Returns 1 if the job holds this token. Caller holds the lock. */
+static int token_ok_locked(bpn_job *job, const char *token, size_t token_len) {
+    return job && job->has_token &&
+           bpn_token_equal(job->token, token, token_len);
+}
+
 int bpn_hub_check_token(bpn_hub *hub, const char *id, size_t len,
                         const char *token, size_t token_len) {
-    int ok = 0;
     bpn_hub_lock(hub);
-    bpn_job *job = find_job(hub, id, len);
-    if (job && job->has_token)
-        ok = bpn_token_equal(job->token, token, token_len);
+    sweep_locked(hub);
+    int ok = token_ok_locked(find_job(hub, id, len), token, token_len);
     bpn_hub_unlock(hub);
     return ok;
 }
 
 size_t bpn_hub_active(bpn_hub *hub) {
     bpn_hub_lock(hub);
-    size_t n = hub->jobs.count;
+    sweep_locked(hub);
+    size_t n = hub->live;
     bpn_hub_unlock(hub);
     return n;
 }
@@ -276,9 +353,10 @@ void bpn_hub_signal_drained(bpn_hub *hub) {
 
 void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
                             bpn_event *ev) {
+    sweep_locked(hub);
     bpn_job *job = find_job(hub, id, len);
-    if (!job) return;
-    ev->seq = job->next_seq++;
+    if (!job || job->terminal) return;
+    bpn_event_set_seq(ev, job->next_seq++);
     size_t slot = (size_t)(ev->seq % hub->capacity);
     bpn_event_unref(job->ring[slot]); /* the oldest, when the ring is full */
     job->ring[slot] = bpn_event_ref(ev);
@@ -286,10 +364,7 @@ void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
     for (bpn_sub *s = job->subs; s; s = s->next) mark_ready_locked(s);
     if (BPN_STATUS_IS_TERMINAL(ev->status)) {
         job->terminal = 1;
-        job->has_token = 0;
-        bpn_map_remove(&hub->jobs, &job->node);
-        job->in_table = 0;
-        job_unref(hub, job);
+        retain_locked(hub, job);
     }
 }
 
@@ -308,19 +383,44 @@ void bpn_hub_close(bpn_hub *hub) {
 
 /* ---- subscribers -------------------------------------------------------- */
 
-int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, bpn_waker *w,
-                void *user, bpn_sub **out) {
+int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, const char *token,
+                size_t token_len, int64_t from, bpn_waker *w, void *user,
+                bpn_sub **out) {
     int err = BPN_OK;
+    bpn_job *job;
     bpn_sub *s = calloc(1, sizeof(*s));
     if (!s) return BPN_ENOMEM;
     bpn_hub_lock(hub);
-    bpn_job *job = get_or_create_job(hub, id, len, &err);
-    if (!job) goto exit;
+    sweep_locked(hub);
+    if (token) {
+        job = find_job(hub, id, len);
+        if (!token_ok_locked(job, token, token_len)) {
+            err = BPN_EAUTH;
+            goto exit;
+        }
+        if (hub->closed) {
+            err = BPN_ECLOSED;
+            goto exit;
+        }
+    } else {
+        /* Resuming reads a retained job to its end; a live subscription to
+         * a finished job starts the id's next lifecycle. */
+        job = find_job(hub, id, len);
+        if (!job || !job->terminal || from == BPN_FROM_LIVE)
+            job = get_or_create_job(hub, id, len, &err);
+        if (!job) goto exit;
+    }
     job->refs++;
     s->job = job;
     s->waker = w;
     s->user = user;
-    s->cursor = job->next_seq;
+    if (from == BPN_FROM_LIVE)
+        s->cursor = job->next_seq;
+    else if (from < 0)
+        s->cursor = 1;
+    else
+        s->cursor = (uint64_t)from + 1 < job->next_seq ? (uint64_t)from + 1
+                                                       : job->next_seq;
     s->next = job->subs;
     if (job->subs) job->subs->prev = s;
     job->subs = s;

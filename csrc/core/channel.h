@@ -23,35 +23,44 @@ typedef struct bpn_waker bpn_waker;
 
 typedef struct bpn_hub {
     pthread_mutex_t mu;
-    bpn_map jobs;    /* job id -> bpn_job, live (non-terminal) jobs */
-    size_t capacity; /* history ring size per job (sse_capacity) */
-    size_t max_channels;
+    bpn_map jobs;        /* job id -> bpn_job: live and retained jobs */
+    size_t live;         /* jobs without a terminal event */
+    size_t capacity;     /* history ring size per job (sse_capacity) */
+    size_t max_channels; /* cap of live jobs, and of retained jobs */
+    uint64_t retention_ms;
+    bpn_job *retained_head, *retained_tail; /* terminal jobs, oldest first */
+    size_t retained;
     int closed;
     bpn_waker *wakers; /* every waker, for drain signals and close */
 } bpn_hub;
 
-/* Returns 0 or BPN_ENOMEM. */
-int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels);
+/* Returns 0 or BPN_ENOMEM. Terminal jobs keep their history and token for
+ * retention_ms (0: dropped at once). */
+int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels,
+                 uint64_t retention_ms);
 /* Frees the jobs still in the table. Subscribers and wakers must be gone. */
 void bpn_hub_fini(bpn_hub *hub);
 
 void bpn_hub_lock(bpn_hub *hub);
 void bpn_hub_unlock(bpn_hub *hub);
 
-/* Stores a fresh token for the job (creating its channel) and copies it to
+/* Stores a fresh token for the job (creating its channel; a retained
+ * terminal job of that id is replaced by a new one) and copies it to
  * token_out. Returns 0, BPN_ELIMIT, BPN_ECLOSED, BPN_ENOMEM or BPN_ESYS. */
 int bpn_hub_register(bpn_hub *hub, const char *id, size_t len,
                      char token_out[BPN_TOKEN_HEX_LEN]);
-/* Returns 1 if the job is live and has this token, in constant time. */
+/* Returns 1 if the job is live or retained and has this token; the
+ * comparison is constant time. */
 int bpn_hub_check_token(bpn_hub *hub, const char *id, size_t len,
                         const char *token, size_t token_len);
-/* Number of live channels. */
+/* Number of live (non-terminal) channels. Frees expired retained jobs. */
 size_t bpn_hub_active(bpn_hub *hub);
 
-/* Appends ev to the job's history (if the job has a channel), assigns its
- * sequence number, marks the job's subscribers ready and, for a terminal
- * event, removes the job from the table. Takes a reference to ev when it
- * keeps it. */
+/* Appends ev to the job's history (if the job has a live channel), assigns
+ * its sequence number and SSE frame, and marks the job's subscribers ready.
+ * A terminal event ends the job: it is retained (history and token) for
+ * retention_ms, then freed. Events after the terminal one are not kept.
+ * Takes a reference to ev when it keeps it. */
 void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
                             bpn_event *ev);
 
@@ -76,11 +85,20 @@ void bpn_hub_signal_drained(bpn_hub *hub);
 
 /* ---- subscribers ------------------------------------------------------- */
 
-/* Subscribes to a job, creating its channel if needed. The cursor starts at
- * the next event. user is handed back by bpn_waker_take. Returns 0 and sets
- * *out, or BPN_ELIMIT, BPN_ECLOSED, BPN_ENOMEM. */
-int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, bpn_waker *w,
-                void *user, bpn_sub **out);
+/* Where a new subscriber's cursor starts. */
+#define BPN_FROM_LIVE   (-1) /* the next event published */
+#define BPN_FROM_OLDEST (-2) /* the job's first event (lag if not retained) */
+
+/* Subscribes to a job. With a token (an SSE client), the job must exist
+ * (live or retained) and hold that token, checked in the same critical
+ * section, else BPN_EAUTH; no channel is created. Without one, the channel
+ * is created if needed. from is BPN_FROM_LIVE, BPN_FROM_OLDEST, or a
+ * sequence number already seen (Last-Event-ID): the cursor starts after it,
+ * at most at the next event. user is handed back by bpn_waker_take. Returns
+ * 0 and sets *out, or BPN_EAUTH, BPN_ELIMIT, BPN_ECLOSED, BPN_ENOMEM. */
+int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, const char *token,
+                size_t token_len, int64_t from, bpn_waker *w, void *user,
+                bpn_sub **out);
 /* Detaches and frees the subscriber. */
 void bpn_sub_free(bpn_sub *s);
 
@@ -89,6 +107,9 @@ typedef struct {
     uint64_t skipped; /* events lost to lag before out[0] */
     int ended;        /* no event will follow the ones returned */
 } bpn_pull_result;
+
+/* Drops retained jobs whose time is up. Any thread. */
+void bpn_hub_sweep(bpn_hub *hub);
 
 /* Copies up to max event references after the cursor into out (the caller
  * unrefs them) and advances the cursor. */

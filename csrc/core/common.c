@@ -53,6 +53,7 @@ const char *bpn_strerror(int err) {
         case BPN_ELIMIT: return "channel limit reached";
         case BPN_ESYS: return "system call failed";
         case BPN_ECURL: return "libcurl initialisation failed";
+        case BPN_EAUTH: return "unknown job or wrong token";
         default: return "unknown error";
     }
 }

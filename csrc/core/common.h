@@ -14,6 +14,7 @@ typedef enum {
     BPN_ELIMIT = -4,  /* the channel cap is reached */
     BPN_ESYS = -5,    /* a system call failed; errno is set */
     BPN_ECURL = -6,   /* libcurl could not be set up */
+    BPN_EAUTH = -7,   /* unknown job or wrong token */
 } bpn_err;
 
 /* Job statuses, in the order of the Python JobStatus enum. */

@@ -17,7 +17,8 @@ int bpn_engine_new(const bpn_engine_config *cfg, bpn_engine **out, char *err,
         snprintf(err, errlen, "out of memory");
         return BPN_ENOMEM;
     }
-    rc = bpn_hub_init(&e->hub, cfg->sse_capacity, cfg->max_channels);
+    rc = bpn_hub_init(&e->hub, cfg->sse_capacity, cfg->max_channels,
+                      cfg->retention_ms);
     if (rc != BPN_OK) {
         snprintf(err, errlen, "out of memory");
         free(e);

@@ -15,6 +15,7 @@ typedef struct {
     bpn_delivery_config delivery;
     size_t sse_capacity;
     size_t max_channels;
+    uint64_t retention_ms;
 } bpn_engine_config;
 
 typedef struct {

@@ -1,7 +1,17 @@
 #include "event.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common.h"
+
+const char *const bpn_status_names[BPN_STATUS_COUNT] = {
+    "queued", "processing", "completed", "failed", "cancelled",
+};
+
+/* "id: " + 20 digits + "\nevent: " + longest status + "\ndata: " + "\n\n" */
+#define FRAME_OVERHEAD (4 + 20 + 8 + 10 + 7 + 2)
 
 static const char payload_head[] = "{\"job_id\":\"";
 static const char payload_mid[] = "\",\"event\":";
@@ -28,7 +38,9 @@ bpn_event *bpn_event_new(int status, const char *json, size_t json_len,
     if (with_payload)
         payload_len = sizeof(payload_head) - 1 + escaped_len(job_id, job_len) +
                       sizeof(payload_mid) - 1 + json_len + 1;
-    bpn_event *ev = malloc(sizeof(*ev) + json_len + 1 + payload_len + 1);
+    size_t frame_cap = FRAME_OVERHEAD + json_len + 1;
+    bpn_event *ev =
+        malloc(sizeof(*ev) + json_len + 1 + payload_len + 1 + frame_cap);
     if (!ev) return NULL;
     atomic_init(&ev->refs, 1);
     ev->status = status;
@@ -41,6 +53,8 @@ bpn_event *bpn_event_new(int status, const char *json, size_t json_len,
     p += json_len + 1;
     ev->payload = NULL;
     ev->payload_len = 0;
+    ev->frame = p + (with_payload ? payload_len + 1 : 0);
+    ev->frame_len = 0;
     if (with_payload) {
         char *q = p;
         memcpy(q, payload_head, sizeof(payload_head) - 1);
@@ -56,6 +70,17 @@ bpn_event *bpn_event_new(int status, const char *json, size_t json_len,
         ev->payload_len = payload_len;
     }
     return ev;
+}
+
+void bpn_event_set_seq(bpn_event *ev, uint64_t seq) {
+    /* The JSON is compact (no raw newlines), so one data: line carries it. */
+    int n = snprintf(ev->frame, FRAME_OVERHEAD,
+                     "id: %llu\nevent: %s\ndata: ", (unsigned long long)seq,
+                     bpn_status_names[ev->status]);
+    memcpy(ev->frame + n, ev->json, ev->json_len);
+    memcpy(ev->frame + n + ev->json_len, "\n\n", 2);
+    ev->frame_len = (size_t)n + ev->json_len + 2;
+    ev->seq = seq;
 }
 
 bpn_event *bpn_event_ref(bpn_event *ev) {

@@ -8,6 +8,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* SSE "event:" names, by status. */
+extern const char *const bpn_status_names[];
+
 typedef struct bpn_event {
     atomic_uint refs;
     int status;
@@ -16,6 +19,8 @@ typedef struct bpn_event {
     size_t json_len;
     const char *payload; /* {"job_id":..,"event":..} or NULL */
     size_t payload_len;
+    char *frame;      /* "id: N\nevent: S\ndata: JSON\n\n", set at publish */
+    size_t frame_len; /* 0 until published to a channel */
     char data[];
 } bpn_event;
 
@@ -24,6 +29,9 @@ typedef struct bpn_event {
  * no control characters (validated by the caller). */
 bpn_event *bpn_event_new(int status, const char *json, size_t json_len,
                          const char *job_id, size_t job_len, int with_payload);
+/* Assigns the sequence number and renders the SSE frame into the space
+ * reserved for it. Called once, by the channel, before anyone else sees ev. */
+void bpn_event_set_seq(bpn_event *ev, uint64_t seq);
 bpn_event *bpn_event_ref(bpn_event *ev);
 void bpn_event_unref(bpn_event *ev);
 
