@@ -139,6 +139,10 @@ static PyObject *raise_core_error(int rc, PyTypeObject *tp) {
                                 "channels exist and this job has none)");
             return NULL;
         case BPN_ESYS: return PyErr_SetFromErrno(PyExc_OSError);
+        case BPN_EAUTH:
+            PyErr_SetString(PyExc_PermissionError,
+                            "unknown job or wrong token");
+            return NULL;
         default:
             PyErr_SetString(PyExc_RuntimeError, bpn_strerror(rc));
             return NULL;

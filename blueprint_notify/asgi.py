@@ -1,0 +1,419 @@
+"""Server-Sent Events over ASGI: ``GET {prefix}/{job_id}/events``.
+
+A pure ASGI 3 application (no framework dependency)::
+
+    from blueprint_notify.asgi import sse_app
+    app = sse_app(notifier)            # or Mount("/", app=...) / app.mount("/", ...)
+
+Authentication: the job's bearer token (``JobNotifier.register_job``) from
+``Authorization: Bearer <token>`` or ``?token=<token>`` (``EventSource`` cannot
+send headers). Resume: ``Last-Event-ID`` (header, or ``?last_event_id=``)
+replays exactly the retained events after that id.
+
+Frames are rendered once in C when the event is published; a stream copies
+them out in batches and sends them as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from ._notifier import JobNotifier
+
+__all__ = ["sse_app", "SSEApp"]
+
+logger = logging.getLogger("blueprint_notify")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_PULL_BATCH = 256
+_FROM_OLDEST = -2
+_PING = b": ping\n\n"
+
+_live_apps: weakref.WeakSet[SSEApp] = weakref.WeakSet()
+
+
+def sse_app(
+    notifier: JobNotifier,
+    *,
+    ping_interval: float = 15.0,
+    retry_ms: int = 3000,
+    send_timeout: float = 30.0,
+    max_stream_secs: float | None = None,
+    max_streams: int | None = None,
+    prefix: str = "/v1/jobs",
+    allow_origins: Iterable[str] = (),
+) -> SSEApp:
+    """Returns the ASGI app serving ``GET {prefix}/{job_id}/events``.
+
+    - ``ping_interval``: seconds between ``: ping`` comments on an idle stream.
+    - ``retry_ms``: the reconnection delay sent to clients (``retry:`` field).
+    - ``send_timeout``: a client that does not take a frame within this many
+      seconds is cut off.
+    - ``max_stream_secs``: end a stream after this long (clients reconnect with
+      ``Last-Event-ID``; spreads reconnects, bounds proxies' idle timeouts).
+    - ``max_streams``: concurrent streams at most; beyond, 503.
+    - ``allow_origins``: origins allowed to read streams cross-origin (CORS);
+      ``"*"`` allows any.
+    """
+    return SSEApp(
+        notifier,
+        ping_interval=ping_interval,
+        retry_ms=retry_ms,
+        send_timeout=send_timeout,
+        max_stream_secs=max_stream_secs,
+        max_streams=max_streams,
+        prefix=prefix,
+        allow_origins=allow_origins,
+    )
+
+
+def _positive(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+class SSEApp:
+    """The ASGI application returned by :func:`sse_app`."""
+
+    def __init__(
+        self,
+        notifier: JobNotifier,
+        *,
+        ping_interval: float,
+        retry_ms: int,
+        send_timeout: float,
+        max_stream_secs: float | None,
+        max_streams: int | None,
+        prefix: str,
+        allow_origins: Iterable[str],
+    ) -> None:
+        if not isinstance(notifier, JobNotifier):
+            raise TypeError(f"notifier must be a JobNotifier, not {type(notifier).__name__}")
+        _positive("ping_interval", ping_interval)
+        _positive("send_timeout", send_timeout)
+        _positive("max_stream_secs", max_stream_secs, allow_none=True)
+        if isinstance(retry_ms, bool) or not isinstance(retry_ms, int) or retry_ms < 0:
+            raise ValueError(f"retry_ms must be a non-negative int, got {retry_ms!r}")
+        if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1):
+            raise ValueError(f"max_streams must be a positive int or None, got {max_streams!r}")
+        if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.endswith("/"):
+            raise ValueError(f"prefix must start with '/' and not end with one, got {prefix!r}")
+        self.notifier = notifier
+        self.ping_interval = float(ping_interval)
+        self.retry_ms = retry_ms
+        self.send_timeout = float(send_timeout)
+        self.max_stream_secs = max_stream_secs
+        self.max_streams = max_streams
+        self.prefix = prefix
+        self.allow_origins = frozenset(allow_origins)
+        self._streams: set[_Stream] = set()
+        _live_apps.add(self)
+        _hook_uvicorn_shutdown()
+
+    @property
+    def open_streams(self) -> int:
+        """Streams being served now."""
+        return len(self._streams)
+
+    def end_streams(self) -> None:
+        """Ends every open stream (server shutdown); new ones are still
+        served. Call on the server's event loop."""
+        for stream in list(self._streams):
+            stream.end()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        job_id = self._route(scope)
+        if job_id is None:
+            await _respond(send, 404, {"error": "not found"})
+            return
+        headers = _headers(scope)
+        cors = self._cors_headers(headers)
+        method = scope["method"]
+        if method == "OPTIONS" and cors:
+            await _respond(
+                send,
+                204,
+                None,
+                cors
+                + [
+                    (b"access-control-allow-methods", b"GET"),
+                    (b"access-control-allow-headers", b"authorization, last-event-id"),
+                    (b"access-control-max-age", b"600"),
+                ],
+            )
+            return
+        if method != "GET":
+            await _respond(send, 405, {"error": "method not allowed"}, [(b"allow", b"GET")] + cors)
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        token = _bearer(headers.get("authorization")) or _first(query.get("token"))
+        if not token:
+            await _respond(
+                send, 401, {"error": "missing bearer token"}, [(b"www-authenticate", b"Bearer")] + cors
+            )
+            return
+        raw_id = headers.get("last-event-id") or _first(query.get("last_event_id"))
+        after = _FROM_OLDEST
+        if raw_id:
+            raw_id = raw_id.strip()
+            if not raw_id.isdigit() or len(raw_id) > 19:
+                await _respond(send, 400, {"error": "invalid Last-Event-ID"}, cors)
+                return
+            after = int(raw_id)
+        if self.max_streams is not None and len(self._streams) >= self.max_streams:
+            await _respond(send, 503, {"error": "too many streams"}, [(b"retry-after", b"5")] + cors)
+            return
+        _hook_uvicorn_shutdown()
+        await _Stream(self, job_id, token, after, cors).run(receive, send)
+
+    # -- helpers ---------------------------------------------------------------
+    def _route(self, scope: Scope) -> str | None:
+        path: str = scope["path"]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        head, tail = self.prefix + "/", "/events"
+        if not (path.startswith(head) and path.endswith(tail)):
+            return None
+        job_id = path[len(head) : -len(tail)]
+        return job_id or None
+
+    def _cors_headers(self, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+        origin = headers.get("origin")
+        if not origin or not self.allow_origins:
+            return []
+        if "*" in self.allow_origins:
+            return [(b"access-control-allow-origin", b"*")]
+        if origin in self.allow_origins:
+            return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+        return []
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.end_streams()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+class _Stream:
+    """One client's event stream."""
+
+    def __init__(self, app: SSEApp, job_id: str, token: str, after: int, cors: list[tuple[bytes, bytes]]) -> None:
+        self.app = app
+        self.job_id = job_id
+        self.token = token
+        self.after = after
+        self.cors = cors
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] | None = None
+        self.ended = False
+
+    def _wake(self) -> None:
+        ready = self.ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+
+    def end(self) -> None:
+        """Ends the stream; any thread."""
+        self.ended = True
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self._wake()
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake)
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        app = self.app
+        notifier = app.notifier
+        hub = notifier._hub_for(self.loop)
+        hub.acquire()
+        sub = None
+        try:
+            ref = weakref.ref(self)
+
+            def on_ready() -> None:
+                stream = ref()
+                if stream is not None:
+                    stream._wake()
+
+            try:
+                sub = notifier._engine.subscribe(self.job_id, hub.waker, on_ready, self.token, self.after)
+            except (PermissionError, ValueError):
+                await _respond(send, 403, {"error": "forbidden"}, self.cors)
+                return
+            except RuntimeError:  # notifier closed (ChannelLimitError cannot happen here)
+                await _respond(send, 503, {"error": "notifier closed"}, [(b"retry-after", b"5")] + self.cors)
+                return
+            frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
+            if ended and not frames and not skipped:
+                # Resumed after the terminal event: nothing will ever follow.
+                # 204 tells EventSource to stop reconnecting.
+                await _respond(send, 204, None, self.cors)
+                return
+            app._streams.add(self)
+            try:
+                await self._serve(sub, frames, skipped, ended, receive, send)
+            finally:
+                app._streams.discard(self)
+        finally:
+            if sub is not None:
+                sub.close()
+            hub.release()
+
+    async def _serve(
+        self, sub: Any, frames: bytes, skipped: int, ended: bool, receive: Receive, send: Send
+    ) -> None:
+        app = self.app
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-store"),
+                    (b"x-accel-buffering", b"no"),
+                    *self.cors,
+                ],
+            }
+        )
+        first = b"retry: %d\n\n" % app.retry_ms
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        deadline = None if app.max_stream_secs is None else time.monotonic() + app.max_stream_secs
+        try:
+            while True:
+                out = first
+                first = b""
+                if skipped:
+                    out += b'event: error\ndata: {"error":"lagged","skipped":%d}\n\n' % skipped
+                out += frames
+                if out and not await self._send(send, out, disconnect):
+                    return
+                if ended or self.ended:
+                    break
+                if not frames and not skipped:
+                    # Idle: wait for events, a ping, the deadline or the client.
+                    timeout = app.ping_interval
+                    if deadline is not None:
+                        timeout = min(timeout, deadline - time.monotonic())
+                        if timeout <= 0:
+                            break
+                    self.ready = self.loop.create_future()
+                    try:
+                        await asyncio.wait((self.ready, disconnect), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        self.ready.cancel()
+                        self.ready = None
+                    if disconnect.done():
+                        return
+                    if self.ended:
+                        break
+                frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
+                if not frames and not skipped and not ended:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    if not await self._send(send, _PING, disconnect):
+                        return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            disconnect.cancel()
+
+    async def _send(self, send: Send, body: bytes, disconnect: asyncio.Future[None]) -> bool:
+        """Sends a chunk; False if the client left or did not take it within
+        send_timeout (then the stream is abandoned)."""
+        if disconnect.done():
+            return False
+        try:
+            await asyncio.wait_for(
+                send({"type": "http.response.body", "body": body, "more_body": True}), self.app.send_timeout
+            )
+        except asyncio.TimeoutError:
+            logger.warning("SSE client of job %r too slow (send_timeout); stream cut off", self.job_id)
+            return False
+        except OSError:  # the server says the client is gone
+            return False
+        return True
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _respond(
+    send: Send, status: int, body: dict[str, Any] | None, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    data = b"" if body is None else json.dumps(body).encode()
+    hdrs = list(headers or [])
+    if body is not None:
+        hdrs.append((b"content-type", b"application/json"))
+    hdrs.append((b"content-length", str(len(data)).encode()))
+    hdrs.append((b"cache-control", b"no-store"))
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+
+
+def _bearer(value: str | None) -> str | None:
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def _first(values: list[str] | None) -> str | None:
+    return values[0] if values else None
+
+
+def _hook_uvicorn_shutdown() -> None:
+    """uvicorn waits for open responses before shutting down, and an SSE
+    stream never ends by itself: end our streams when a uvicorn server starts
+    shutting down (signal or ``should_exit``)."""
+    module = sys.modules.get("uvicorn.server")
+    server = getattr(module, "Server", None)
+    if server is None or getattr(server.shutdown, "_bpn_hook", False):
+        return
+    original = server.shutdown
+
+    async def shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for app in list(_live_apps):
+            app.end_streams()
+        return await original(self, *args, **kwargs)
+
+    shutdown._bpn_hook = True  # type: ignore[attr-defined]
+    server.shutdown = shutdown
