@@ -305,43 +305,45 @@ class _Stream:
                 ],
             }
         )
-        first = b"retry: %d\n\n" % app.retry_ms
+        out = b"retry: %d\n\n" % app.retry_ms
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         deadline = None if app.max_stream_secs is None else time.monotonic() + app.max_stream_secs
         try:
             while True:
-                out = first
-                first = b""
                 if skipped:
                     out += b'event: error\ndata: {"error":"lagged","skipped":%d}\n\n' % skipped
                 out += frames
-                if out and not await self._send(send, out, disconnect):
-                    return
+                if out:
+                    if not await self._send(send, out, disconnect):
+                        return
+                    out = b""
                 if ended or self.ended:
                     break
-                if not frames and not skipped:
-                    # Idle: wait for events, a ping, the deadline or the client.
-                    timeout = app.ping_interval
-                    if deadline is not None:
-                        timeout = min(timeout, deadline - time.monotonic())
-                        if timeout <= 0:
-                            break
-                    self.ready = self.loop.create_future()
-                    try:
-                        await asyncio.wait((self.ready, disconnect), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        self.ready.cancel()
-                        self.ready = None
-                    if disconnect.done():
-                        return
-                    if self.ended:
-                        break
+                # Pull after every send: a wake-up during it found no waiter.
                 frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
-                if not frames and not skipped and not ended:
+                if frames or skipped or ended:
+                    continue
+                # Idle: wait for events, a ping, the deadline or the client.
+                timeout = app.ping_interval
+                if deadline is not None:
+                    timeout = min(timeout, deadline - time.monotonic())
+                    if timeout <= 0:
+                        break
+                self.ready = ready = self.loop.create_future()
+                try:
+                    await asyncio.wait((ready, disconnect), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self.ready = None
+                    ready.cancel()
+                if disconnect.done():
+                    return
+                if self.ended:
+                    break
+                if not ready.done() or ready.cancelled():  # timed out
                     if deadline is not None and time.monotonic() >= deadline:
                         break
-                    if not await self._send(send, _PING, disconnect):
-                        return
+                    out = _PING
+                frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             disconnect.cancel()
