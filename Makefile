@@ -4,7 +4,9 @@
 #                    extension built in place with BPN_DEV=1 (-Werror), pytest
 #   make test-asan   the same suite against an ASan+UBSan build (see below)
 #   make asan-selfcheck  proves the ASan run reports leaks and UB in csrc/
-#   make demo        examples/orchestrator.py
+#   make demo        the web demo (python -m blueprint_notify demo); with CI
+#                    set: its scripted run (--once), which exits by itself
+#   make demo-terminal  examples/orchestrator.py, the terminal-only demo
 #   make bench       bench/throughput.py, when it exists (installs .[bench])
 #   make clean       build outputs (keeps .venv); distclean also removes .venv
 #
@@ -17,7 +19,8 @@
 #
 # Variables: PYTHON (interpreter for the venv, default python3), VENV,
 # PYTEST_ARGS (extra pytest arguments, e.g. PYTEST_ARGS='-k lag -x'),
-# BENCH_ARGS (e.g. BENCH_ARGS=--quick), JOBS (parallel compile jobs).
+# BENCH_ARGS (e.g. BENCH_ARGS=--quick), JOBS (parallel compile jobs),
+# DEMO_ARGS (e.g. DEMO_ARGS='--port 0 --no-browser'; default --once in CI).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -29,6 +32,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+DEMO_ARGS ?= $(if $(filter-out 0 false,$(CI)),--once)
 
 VENV_STAMP := $(VENV)/.bpn-venv-stamp
 INSTALL_STAMP := $(VENV)/.bpn-install-stamp
@@ -71,11 +75,11 @@ export PIP_NO_INPUT := 1
 # deliberate leaks and UB, and runs in CI.
 ASAN_RUN := tools/asan-env
 
-.PHONY: test test-asan asan-selfcheck demo bench build build-asan install sysdeps \
+.PHONY: test test-asan asan-selfcheck demo demo-terminal bench build build-asan install sysdeps \
 	clean distclean help
 
 help:
-	@sed -n '2,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '2,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # ---- setup ------------------------------------------------------------------
 
@@ -130,7 +134,12 @@ test-asan: build-asan
 asan-selfcheck: $(INSTALL_STAMP)
 	tools/asan-selfcheck $(PY)
 
+# The web demo serves until Ctrl-C; --once (CI) drives it over HTTP, checks
+# the outcome and exits 0 if all is well.
 demo: build
+	$(PY) -m blueprint_notify demo $(DEMO_ARGS)
+
+demo-terminal: build
 	$(PY) examples/orchestrator.py
 
 # The bench extra (aiohttp, httpx) for the pure-Python senders compared.

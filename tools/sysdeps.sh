@@ -7,6 +7,10 @@
 #   libcurl4-openssl-dev libssl-dev pkg-config   libcurl and OpenSSL flags
 #   gcc                                          the C compiler
 #   python3-dev python3-venv                     only for the system python3
+#   chromium                                     the browser test (tests/test_browser.py,
+#                                                Playwright drives /usr/bin/chromium)
+# chromium is only for that test, which skips without it outside CI: when it
+# cannot be installed (not root, no apt) that is a note, not a failure.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -32,10 +36,21 @@ if [[ "$("$PYTHON" -c 'import sys; print(sys.base_prefix)')" == /usr ]]; then
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 fi
 
+can_apt=0
+[[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1 && can_apt=1
+if [[ ! -x ${BPN_CHROMIUM:-/usr/bin/chromium} ]]; then
+    if [[ $can_apt -eq 1 ]]; then
+        missing+=(chromium)
+    else
+        echo "sysdeps: note: no ${BPN_CHROMIUM:-/usr/bin/chromium}; the browser test is skipped" \
+            "(outside CI) until it is installed, e.g. sudo apt-get install chromium" >&2
+    fi
+fi
+
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
 echo "sysdeps: missing: ${missing[*]}"
-if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+if [[ $can_apt -eq 0 ]]; then
     echo "sysdeps: install them first, e.g. sudo apt-get install ${missing[*]}" >&2
     exit 1
 fi

@@ -1,0 +1,119 @@
+"""The ``blueprint-notify`` command (also ``python -m blueprint_notify``).
+
+    blueprint-notify demo [--host 127.0.0.1] [--port 8765] [--no-browser] [--once] [-v]
+
+``demo`` serves the live web demo until Ctrl-C (``--port 0`` picks a free
+port; the URL is printed). ``--once`` instead runs a scripted scenario
+against it over HTTP, checks the outcome and exits (0 when every check
+passed); that is what ``make demo`` does in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ._config import __version__
+
+__all__ = ["main"]
+
+DEFAULT_PORT = 8765
+
+logger = logging.getLogger("blueprint_notify.demo")
+
+
+class _Formatter(logging.Formatter):
+    """``12:00:01  message`` for the demo's own INFO lines, the level and
+    logger name for everything else."""
+
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.startswith("blueprint_notify.demo"):
+            self._style._fmt = "%(asctime)s  %(message)s"
+        else:
+            self._style._fmt = "%(asctime)s  %(levelname)s %(name)s: %(message)s"
+        return super().format(record)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if not verbose:
+        # The page (or the scripted run's summary) shows every failed attempt
+        # and dead letter; the library's own warnings would repeat them.
+        logging.getLogger("blueprint_notify").setLevel(logging.CRITICAL)
+        logging.getLogger("blueprint_notify.demo").setLevel(logging.INFO)
+        logging.getLogger("uvicorn").setLevel(logging.WARNING)
+
+
+def _parser(prog: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "blueprint-notify",
+        description="blueprint_notify: signed job webhooks and per-job Server-Sent Events.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="serve the live web demo",
+        description=(
+            "Serves a page where you start simulated jobs and watch their progress live over "
+            "Server-Sent Events, see each signed webhook reach a built-in receiver, and make "
+            "that endpoint fail to watch retries end in dead letters."
+        ),
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    demo.add_argument(
+        "--port", type=int, default=None, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one; --once: 0)"
+    )
+    demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    demo.add_argument(
+        "--once",
+        action="store_true",
+        help="run a scripted scenario against the server over HTTP, check it and exit (status 0 if all is well)",
+    )
+    demo.add_argument("-v", "--verbose", action="store_true", help="log the library, uvicorn and every request")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.command != "demo":
+        parser.print_help()
+        return 2
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    _setup_logging(args.verbose)
+    try:
+        from .demo import server  # needs uvicorn
+    except ImportError as exc:
+        if getattr(exc, "name", None) != "uvicorn":
+            raise
+        print(
+            "the demo needs uvicorn: pip install 'blueprint_notify[demo]' (or pip install uvicorn)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.once:
+        return _once(args.host, 0 if args.port is None else args.port, args.verbose)
+    port = DEFAULT_PORT if args.port is None else args.port
+    return server.serve_forever(args.host, port, open_browser=not args.no_browser, verbose=args.verbose)
+
+
+def _once(host: str, port: int, verbose: bool) -> int:
+    from .demo.app import DemoApp
+    from .demo.scripted import run_script
+    from .demo.server import serve_in_thread
+
+    app = DemoApp()
+    try:
+        with serve_in_thread(app, host, port, verbose=verbose) as url:
+            print(f"blueprint_notify demo: {url}  (scripted run)", flush=True)
+            return run_script(url)
+    finally:
+        app.close()
