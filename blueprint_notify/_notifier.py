@@ -129,8 +129,8 @@ class JobNotifier:
         if last_event_id is not None:
             if isinstance(last_event_id, bool) or not isinstance(last_event_id, int):
                 raise TypeError("last_event_id must be an int or None")
-            if last_event_id < 0:
-                raise ValueError(f"last_event_id must not be negative, got {last_event_id}")
+            if not 0 <= last_event_id < 2**63:
+                raise ValueError(f"last_event_id must be between 0 and 2**63-1, got {last_event_id}")
             after = last_event_id
         hub = self._hub_for(loop)
         hub.acquire()

@@ -110,6 +110,8 @@ class SSEApp:
             raise ValueError(f"retry_ms must be a non-negative int, got {retry_ms!r}")
         if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1):
             raise ValueError(f"max_streams must be a positive int or None, got {max_streams!r}")
+        if isinstance(allow_origins, (str, bytes)):
+            raise TypeError("allow_origins must be a collection of origins, e.g. ['https://app.example'], not a str")
         if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.endswith("/"):
             raise ValueError(f"prefix must start with '/' and not end with one, got {prefix!r}")
         self.notifier = notifier
@@ -129,11 +131,12 @@ class SSEApp:
         """Streams being served now."""
         return len(self._streams)
 
-    def end_streams(self) -> None:
-        """Ends every open stream (server shutdown); new ones are still
-        served. Call on the server's event loop."""
+    def end_streams(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Ends every open stream (server shutdown), or only those served on
+        ``loop``; new ones are still served. Any thread."""
         for stream in list(self._streams):
-            stream.end()
+            if loop is None or stream.loop is loop:
+                stream.end()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -178,7 +181,8 @@ class SSEApp:
         after = _FROM_OLDEST
         if raw_id:
             raw_id = raw_id.strip()
-            if not raw_id.isdigit() or len(raw_id) > 19:
+            # ASCII digits only (str.isdigit accepts '²' and '١'), below 2**63.
+            if not (raw_id.isascii() and raw_id.isdigit() and len(raw_id) <= 19 and int(raw_id) < 2**63):
                 await _respond(send, 400, {"error": "invalid Last-Event-ID"}, cors)
                 return
             after = int(raw_id)
@@ -216,7 +220,7 @@ class SSEApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                self.end_streams()
+                self.end_streams(asyncio.get_running_loop())
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -319,6 +323,8 @@ class _Stream:
                     out = b""
                 if ended or self.ended:
                     break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break  # a busy stream ends on time too
                 # Pull after every send: a wake-up during it found no waiter.
                 frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
                 if frames or skipped or ended:
@@ -413,8 +419,10 @@ def _hook_uvicorn_shutdown() -> None:
     original = server.shutdown
 
     async def shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Only this server's streams: they run on the loop shutting down.
+        loop = asyncio.get_running_loop()
         for app in list(_live_apps):
-            app.end_streams()
+            app.end_streams(loop)
         return await original(self, *args, **kwargs)
 
     shutdown._bpn_hook = True  # type: ignore[attr-defined]

@@ -222,7 +222,7 @@ def test_failing_endpoint_retries_then_dead_letters(make_demo: Callable[..., Dem
 
 
 def test_dropped_stream_resumes_with_last_event_id(demo: Demo) -> None:
-    job = demo.start(steps=8, interval=0.1)
+    job = demo.start(steps=8, interval=0.3)  # slow enough that the drop lands mid-job
     first = demo.follow(job, stop=lambda ident: ident == 3)
     # Dropped while a client is connected: that stream ends (no terminal event).
     cut: list[list[int]] = []
