@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, quote
 
 from .._events import JobEvent, JobStatus
 from .._notifier import JobNotifier
-from ..asgi import SSEApp, sse_app
+from ..asgi import SSEApp, _wait_disconnect, sse_app
 
 __all__ = ["DemoApp", "HOOK_PATH"]
 
@@ -731,13 +731,6 @@ async def _read_json(receive: Receive) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _HTTPError(400, "body must be a JSON object")
     return data
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def _respond(
