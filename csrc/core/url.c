@@ -7,8 +7,36 @@
 
 #include "common.h"
 
+/* The last URL that passed, per thread: orchestrators send most webhooks of
+ * a run to the same few URLs, and curl_url parsing is most of notify()'s
+ * native cost. */
+#define CACHE_URL_MAX 512
+static _Thread_local size_t cached_len;
+static _Thread_local char cached_url[CACHE_URL_MAX];
+static _Thread_local char cached_origin[BPN_ORIGIN_MAX];
+
+static int url_check_uncached(const char *url, size_t len,
+                              char origin[BPN_ORIGIN_MAX], char *err,
+                              size_t errlen);
+
 int bpn_url_check(const char *url, size_t len, char origin[BPN_ORIGIN_MAX],
                   char *err, size_t errlen) {
+    if (len == cached_len && len > 0 && memcmp(url, cached_url, len) == 0) {
+        memcpy(origin, cached_origin, strlen(cached_origin) + 1);
+        return 0;
+    }
+    if (url_check_uncached(url, len, origin, err, errlen) < 0) return -1;
+    if (len <= CACHE_URL_MAX) {
+        memcpy(cached_url, url, len);
+        memcpy(cached_origin, origin, strlen(origin) + 1);
+        cached_len = len;
+    }
+    return 0;
+}
+
+static int url_check_uncached(const char *url, size_t len,
+                              char origin[BPN_ORIGIN_MAX], char *err,
+                              size_t errlen) {
     int rc = -1;
     char *scheme = NULL, *host = NULL, *port = NULL;
     CURLU *u = NULL;
