@@ -7,19 +7,23 @@ by asyncio subscribers.
 
 from ._config import NotifierConfig, __version__
 from ._core import ChannelLimitError
-from ._events import FailedDelivery, JobEvent, JobStatus
+from ._events import Attempt, FailedDelivery, JobEvent, JobStatus
 from ._notifier import JobNotifier
 from ._subscription import Subscription, SubscriptionClosed, SubscriptionLagged
+from ._verify import SignatureError, verify
 
 __all__ = [
+    "Attempt",
     "ChannelLimitError",
     "FailedDelivery",
     "JobEvent",
     "JobNotifier",
     "JobStatus",
     "NotifierConfig",
+    "SignatureError",
     "Subscription",
     "SubscriptionClosed",
     "SubscriptionLagged",
     "__version__",
+    "verify",
 ]

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["NotifierConfig"]
+__all__ = ["NotifierConfig", "standard_key"]
 
 __version__ = "0.1.0"
+
+
+_SCHEMES = {"blueprint": 1, "standard": 2, "both": 3}
+
+
+def standard_key(secret: str) -> bytes:
+    """The Standard Webhooks key of a secret: base64 after a ``whsec_``
+    prefix (padding optional), else the secret's UTF-8 bytes."""
+    if not secret.startswith("whsec_"):
+        return secret.encode("utf-8")
+    raw = secret[len("whsec_") :]
+    try:
+        return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("signing_secret starts with 'whsec_' but the rest is not base64") from None
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
@@ -61,6 +78,10 @@ class NotifierConfig:
     #: After a terminal event, how long the job's history and token stay
     #: (late or reconnecting SSE clients get the replay), in seconds.
     retention_secs: float = 300.0
+    #: Signature headers: "blueprint" (X-Webhook-Signature, the reference's),
+    #: "standard" (Standard Webhooks: webhook-id/-timestamp/-signature) or
+    #: "both". A "whsec_" secret is base64-decoded for the standard scheme.
+    signature_scheme: str = "both"
     #: User-Agent header of webhook requests.
     user_agent: str = f"blueprint-notify/{__version__}"
 
@@ -88,6 +109,13 @@ class NotifierConfig:
         _int_in("max_response_bytes", self.max_response_bytes, 0, 1 << 30)
         _secs_in("close_timeout_secs", self.close_timeout_secs, 0, 86_400)
         _secs_in("retention_secs", self.retention_secs, 0, 7 * 86_400)
+        if self.signature_scheme not in _SCHEMES:
+            raise ValueError(
+                f"signature_scheme must be one of {', '.join(sorted(_SCHEMES))}; "
+                f"got {self.signature_scheme!r}"
+            )
+        if self.signing_secret:
+            standard_key(self.signing_secret)  # a bad whsec_ secret fails here
         if not isinstance(self.user_agent, str):
             raise TypeError("user_agent must be a str")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in self.user_agent) or "\x00" in self.user_agent:

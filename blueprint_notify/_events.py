@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JobStatus", "JobEvent", "FailedDelivery"]
+__all__ = ["JobStatus", "JobEvent", "FailedDelivery", "Attempt"]
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
@@ -155,6 +155,17 @@ class JobEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempt:
+    """One failed delivery attempt: when it started (unix seconds), how long
+    it took, the HTTP status (0 if none) and what went wrong."""
+
+    at: float
+    duration_ms: int
+    status: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class FailedDelivery:
     """A webhook that could not be delivered (a dead letter).
 
@@ -169,6 +180,10 @@ class FailedDelivery:
     payload: str
     id: int = 0
     failed_at: float = 0.0
+    #: The webhook-id sent with every attempt (receivers deduplicate on it).
+    webhook_id: str = ""
+    #: Every attempt's outcome, oldest first (the last 50 are kept).
+    attempt_log: tuple[Attempt, ...] = ()
 
     def event(self) -> JobEvent:
         """The event this delivery carried."""

@@ -7,13 +7,14 @@ import atexit
 import dataclasses
 import logging
 import threading
+import time
 import weakref
 from types import TracebackType
 from typing import Any
 
 from . import _core
-from ._config import NotifierConfig
-from ._events import FailedDelivery, JobEvent
+from ._config import _SCHEMES, NotifierConfig, standard_key
+from ._events import Attempt, FailedDelivery, JobEvent
 from ._subscription import Subscription, _LoopHub
 
 __all__ = ["JobNotifier"]
@@ -69,7 +70,11 @@ class JobNotifier:
             user_agent=config.user_agent,
             log_sink=_emit_logs,
             retention_ms=round(config.retention_secs * 1000),
+            standard_key=standard_key(config.signing_secret),
+            schemes=_SCHEMES[config.signature_scheme],
         )
+        #: Live secrets, current first, with the time each stops being used.
+        self._secrets: list[tuple[str, float]] = [(config.signing_secret, 0.0)]
         self._hubs: dict[asyncio.AbstractEventLoop, _LoopHub] = {}
         self._hubs_lock = threading.Lock()
         _live.add(self)
@@ -167,8 +172,12 @@ class JobNotifier:
                 payload=payload.decode("utf-8"),
                 id=ident,
                 failed_at=failed_at,
+                webhook_id=webhook_id,
+                attempt_log=tuple(Attempt(*entry) for entry in log),
             )
-            for ident, job_id, url, attempts, last_error, payload, failed_at in self._engine.dead_letters()
+            for ident, job_id, url, attempts, last_error, payload, failed_at, webhook_id, log in (
+                self._engine.dead_letters()
+            )
         ]
 
     def clear_dead_letters(self) -> None:
@@ -210,6 +219,26 @@ class JobNotifier:
         finally:
             hub.release()
             engine.pump_logs()
+
+    def rotate_secret(self, new_secret: str, overlap_secs: float = 86_400) -> None:
+        """Makes ``new_secret`` the signing secret. For ``overlap_secs`` the
+        previous secrets stay live: every delivery then carries one ``v1,``
+        signature per live secret in ``webhook-signature``, so receivers can
+        switch at their pace; ``X-Webhook-Signature`` uses the new one."""
+        if not isinstance(new_secret, str):
+            raise TypeError(f"new_secret must be a str, not {type(new_secret).__name__}")
+        if not new_secret:
+            raise ValueError("new_secret must not be empty")
+        if isinstance(overlap_secs, bool) or not isinstance(overlap_secs, (int, float)) or not 0 <= overlap_secs <= 30 * 86_400:
+            raise ValueError(f"overlap_secs must be between 0 and {30 * 86_400}, got {overlap_secs!r}")
+        std = standard_key(new_secret)  # validates a whsec_ secret
+        now = time.time()
+        until = now + overlap_secs
+        previous = [(secret, exp if exp else until) for secret, exp in self._secrets if secret and (not exp or exp > now)]
+        live = [(new_secret, 0.0)] + [(s, e) for s, e in previous if s != new_secret][:7]
+        self._engine.set_keys([(s.encode("utf-8"), standard_key(s) if s != new_secret else std, int(e)) for s, e in live])
+        self._secrets = live
+        self._secret = new_secret.encode("utf-8")
 
     def sign_payload(self, payload: bytes | str, timestamp: int) -> str:
         """The hex HMAC-SHA256 of ``"{timestamp}.{payload}"`` with this

@@ -199,9 +199,13 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                              "user_agent",
                              "log_sink",
                              "retention_ms",
+                             "standard_key",
+                             "schemes",
                              NULL};
     const char *secret = "", *user_agent = "blueprint-notify";
-    Py_ssize_t secret_len = 0;
+    const char *std_key = NULL;
+    Py_ssize_t secret_len = 0, std_key_len = 0;
+    int schemes = BPN_SCHEME_BLUEPRINT | BPN_SCHEME_STANDARD;
     unsigned long long max_retries = 3, base = 1000, max_delay = 300000,
                        timeout = 10000, retention = 300000;
     Py_ssize_t capacity = 16, max_channels = 10000, max_dead = 1000,
@@ -211,10 +215,11 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     PyObject *log_sink = Py_None;
     char err[ERRLEN];
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "|$y#KKKKnnnpIInsOK", kwlist, &secret, &secret_len,
+            args, kw, "|$y#KKKKnnnpIInsOKy#i", kwlist, &secret, &secret_len,
             &max_retries, &base, &max_delay, &timeout, &capacity, &max_channels,
             &max_dead, &allow_private, &max_conns, &max_host, &max_body,
-            &user_agent, &log_sink, &retention))
+            &user_agent, &log_sink, &retention, &std_key, &std_key_len,
+            &schemes))
         return NULL;
     if (capacity < 1 || max_channels < 0 || max_dead < 0 || max_body < 0 ||
         max_conns < 1 || max_host < 1 || max_retries > UINT32_MAX ||
@@ -226,11 +231,23 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "log_sink must be callable or None");
         return NULL;
     }
+    if (schemes < 1 || schemes > 3) {
+        PyErr_SetString(PyExc_ValueError, "schemes out of range");
+        return NULL;
+    }
+    bpn_key key = {
+        .key = (const uint8_t *)secret,
+        .key_len = (size_t)secret_len,
+        .std_key = (const uint8_t *)(std_key ? std_key : secret),
+        .std_key_len = (size_t)(std_key ? std_key_len : secret_len),
+        .expires_s = 0,
+    };
     bpn_engine_config cfg = {
         .delivery =
             {
-                .secret = (const uint8_t *)secret,
-                .secret_len = (size_t)secret_len,
+                .keys = &key,
+                .nkeys = 1,
+                .schemes = schemes,
                 .max_retries = (uint32_t)max_retries,
                 .retry_base_ms = base,
                 .max_retry_delay_ms = max_delay,
@@ -384,6 +401,26 @@ static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
         (Py_ssize_t)bpn_hub_active(&self->e->hub));
 }
 
+/* The attempt log as a list of (at, duration_ms, status, error). */
+static PyObject *attempt_list(const bpn_attempt *log, uint32_t n) {
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (!list) return NULL;
+    for (uint32_t i = 0; i < n; i++) {
+        PyObject *err =
+            PyUnicode_DecodeUTF8(log[i].error, strlen(log[i].error), "replace");
+        PyObject *item =
+            err ? Py_BuildValue("(dIiN)", log[i].at, log[i].duration_ms,
+                                log[i].status, err)
+                : NULL;
+        if (!item) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+}
+
 static PyObject *Engine_dead_letters(PyObject *op, PyObject *unused) {
     EngineObject *self = ENGINE_CAST(op);
     bpn_dead_letter *arr = NULL;
@@ -397,11 +434,14 @@ static PyObject *Engine_dead_letters(PyObject *op, PyObject *unused) {
     if (!list) goto exit;
     for (size_t i = 0; i < n; i++) {
         bpn_dead_letter *v = &arr[i];
-        PyObject *item = Py_BuildValue(
-            "(Ks#sIsy#d)", (unsigned long long)v->id, v->job_id,
-            (Py_ssize_t)v->job_len, v->url, (unsigned int)v->attempts,
-            v->last_error, v->ev->payload, (Py_ssize_t)v->ev->payload_len,
-            v->failed_at);
+        PyObject *log = attempt_list(v->log, v->nlog);
+        PyObject *item =
+            log ? Py_BuildValue("(Ks#sIsy#dsN)", (unsigned long long)v->id,
+                                v->job_id, (Py_ssize_t)v->job_len, v->url,
+                                (unsigned int)v->attempts, v->last_error,
+                                v->ev->payload, (Py_ssize_t)v->ev->payload_len,
+                                v->failed_at, v->msg_id, log)
+                : NULL;
         if (!item) {
             Py_CLEAR(list);
             goto exit;
@@ -411,6 +451,45 @@ static PyObject *Engine_dead_letters(PyObject *op, PyObject *unused) {
 exit:
     bpn_dead_letters_free(arr, n);
     return list;
+}
+
+/* set_keys([(key, std_key, expires_s), ...]): the first is current. */
+static PyObject *Engine_set_keys(PyObject *op, PyObject *arg) {
+    EngineObject *self = ENGINE_CAST(op);
+    PyObject *seq = PySequence_Fast(arg, "keys must be a sequence");
+    bpn_key *keys = NULL;
+    PyObject *result = NULL;
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > 8) {
+        PyErr_SetString(PyExc_ValueError, "1 to 8 keys are needed");
+        goto exit;
+    }
+    keys = PyMem_Calloc((size_t)n, sizeof(*keys));
+    if (!keys) {
+        PyErr_NoMemory();
+        goto exit;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *k, *sk;
+        Py_ssize_t klen, sklen;
+        long long exp;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#y#L", &k,
+                              &klen, &sk, &sklen, &exp))
+            goto exit;
+        keys[i] = (bpn_key){(const uint8_t *)k, (size_t)klen,
+                            (const uint8_t *)sk, (size_t)sklen, (int64_t)exp};
+    }
+    int rc = bpn_delivery_set_keys(self->e->delivery, keys, (size_t)n);
+    if (rc != BPN_OK) {
+        raise_core_error(rc, Py_TYPE(op));
+        goto exit;
+    }
+    result = Py_NewRef(Py_None);
+exit:
+    PyMem_Free(keys);
+    Py_DECREF(seq);
+    return result;
 }
 
 static PyObject *Engine_clear_dead_letters(PyObject *op, PyObject *unused) {
@@ -582,6 +661,8 @@ static PyMethodDef Engine_methods[] = {
     {"stats", Engine_stats, METH_NOARGS, NULL},
     {"dead_letters", Engine_dead_letters, METH_NOARGS, NULL},
     {"clear_dead_letters", Engine_clear_dead_letters, METH_NOARGS, NULL},
+    {"set_keys", Engine_set_keys, METH_O,
+     "set_keys([(key, std_key, expires_s), ...]); the first is current"},
     {"flush", Engine_flush, METH_O, "flush(timeout) -> bool; releases the GIL"},
     {"close", Engine_close, METH_O, "close(timeout); releases the GIL"},
     {"pump_logs", Engine_pump_logs, METH_NOARGS, NULL},
@@ -931,6 +1012,29 @@ static PyObject *core_sign(PyObject *module, PyObject *args) {
     return PyUnicode_FromStringAndSize(out, BPN_SIG_HEX_LEN);
 }
 
+/* sign_standard(key: bytes, msg_id: str, timestamp: int, body: bytes) ->
+ * "v1,<base64>" */
+static PyObject *core_sign_standard(PyObject *module, PyObject *args) {
+    const char *key, *body, *msg_id;
+    Py_ssize_t key_len, body_len;
+    long long ts;
+    char out[BPN_SIG_B64_LEN + 1];
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y#sLy#:sign_standard", &key, &key_len, &msg_id,
+                          &ts, &body, &body_len))
+        return NULL;
+    bpn_signer *s = bpn_signer_new((const uint8_t *)key, (size_t)key_len);
+    if (!s) return PyErr_NoMemory();
+    int rc =
+        bpn_signer_std(s, msg_id, (int64_t)ts, body, (size_t)body_len, out);
+    bpn_signer_free(s);
+    if (rc < 0) {
+        PyErr_SetString(PyExc_ValueError, "could not sign (msg_id too long?)");
+        return NULL;
+    }
+    return PyUnicode_FromFormat("v1,%s", out);
+}
+
 /* check_address(ip: str) -> None if allowed, else the reason */
 static PyObject *core_check_address(PyObject *module, PyObject *arg) {
     const char *text;
@@ -969,6 +1073,8 @@ static PyObject *core_backoff_ms(PyObject *module, PyObject *args) {
 static PyMethodDef core_methods[] = {
     {"sign", core_sign, METH_VARARGS,
      "sign(secret, timestamp, body) -> hex HMAC-SHA256 of '{ts}.{body}'"},
+    {"sign_standard", core_sign_standard, METH_VARARGS,
+     "sign_standard(key, msg_id, timestamp, body) -> 'v1,<base64>'"},
     {"check_address", core_check_address, METH_O,
      "check_address(ip) -> None if webhooks may connect there, else why not"},
     {"backoff_ms", core_backoff_ms, METH_VARARGS,
@@ -1000,6 +1106,11 @@ static int core_exec(PyObject *m) {
         return -1;
     if (PyModule_AddIntConstant(m, "JOB_ID_MAX", BPN_JOB_ID_MAX) < 0) return -1;
     if (PyModule_AddIntConstant(m, "URL_MAX", BPN_URL_MAX) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "SCHEME_BLUEPRINT", BPN_SCHEME_BLUEPRINT) <
+        0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "SCHEME_STANDARD", BPN_SCHEME_STANDARD) < 0)
+        return -1;
     return 0;
 }
 

@@ -29,6 +29,7 @@ def test_all_defaults() -> None:
         "max_response_bytes": 64 * 1024,
         "close_timeout_secs": 10.0,
         "retention_secs": 300.0,
+        "signature_scheme": "both",
         "user_agent": f"blueprint-notify/{blueprint_notify.__version__}",
     }
     assert NotifierConfig.field_names()[:5] == [

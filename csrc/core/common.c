@@ -44,6 +44,29 @@ void bpn_hex_encode(char *dst, const uint8_t *src, size_t n) {
     }
 }
 
+size_t bpn_base64_encode(char *dst, const uint8_t *src, size_t n) {
+    static const char tbl[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t o = 0, i = 0;
+    for (; i + 2 < n; i += 3) {
+        uint32_t v = (uint32_t)src[i] << 16 | (uint32_t)src[i + 1] << 8 |
+                     (uint32_t)src[i + 2];
+        dst[o++] = tbl[v >> 18];
+        dst[o++] = tbl[(v >> 12) & 63];
+        dst[o++] = tbl[(v >> 6) & 63];
+        dst[o++] = tbl[v & 63];
+    }
+    if (i < n) {
+        uint32_t v = (uint32_t)src[i] << 16;
+        if (i + 1 < n) v |= (uint32_t)src[i + 1] << 8;
+        dst[o++] = tbl[v >> 18];
+        dst[o++] = tbl[(v >> 12) & 63];
+        dst[o++] = i + 1 < n ? tbl[(v >> 6) & 63] : '=';
+        dst[o++] = '=';
+    }
+    return o;
+}
+
 const char *bpn_strerror(int err) {
     switch (err) {
         case BPN_OK: return "success";

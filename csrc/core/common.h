@@ -47,6 +47,10 @@ int bpn_random_bytes(void *buf, size_t n);
 /* Writes 2*n lowercase hex chars (no terminator) of src into dst. */
 void bpn_hex_encode(char *dst, const uint8_t *src, size_t n);
 
+/* Writes the standard base64 (with padding) of src into dst, which needs
+ * 4 * ((n + 2) / 3) bytes; returns the length written (no terminator). */
+size_t bpn_base64_encode(char *dst, const uint8_t *src, size_t n);
+
 /* Returns a human-readable message for an error code. */
 const char *bpn_strerror(int err);
 

@@ -37,9 +37,25 @@ typedef struct dlv {
     const char *job_id; /* key of the lane: job_id '\0' url */
     const char *url;
     const char *origin;
+    uint64_t retry_after_ms; /* the receiver's Retry-After, for the next wait */
+    bpn_attempt *log;        /* failed attempts, oldest first */
+    uint32_t nlog;
+    char msg_id[40];
     char last_error[ERR_MAX];
     char strs[];
 } dlv;
+
+/* The signing keys in force, shared by reference so a rotation never
+ * pulls them from under an attempt being signed. Signers are used by the
+ * delivery thread only. */
+typedef struct {
+    atomic_uint refs;
+    size_t n;
+    struct {
+        bpn_signer *bp, *std;
+        int64_t expires_s;
+    } k[];
+} keyset;
 
 typedef struct host host;
 typedef struct transfer transfer;
@@ -76,6 +92,7 @@ struct transfer {
     bpn_delivery *d;
     size_t body_bytes;
     int capped;
+    double started_at;   /* wall clock */
     const char *refused; /* netguard reason, static */
     char refused_addr[64];
     char errbuf[CURL_ERROR_SIZE];
@@ -86,8 +103,8 @@ typedef bpn_log_record log_rec;
 struct bpn_delivery {
     /* Immutable after creation. */
     bpn_delivery_config cfg;
-    uint8_t *secret;
     char *user_agent;
+    char id_prefix[17]; /* random, makes webhook-ids unique across engines */
     void (*on_drained)(void *);
     void *drained_arg;
 
@@ -108,11 +125,11 @@ struct bpn_delivery {
     size_t log_start, log_count;
     uint64_t logs_dropped;
     atomic_int has_logs;
+    keyset *keys;
 
     /* Owned by the delivery thread alone. */
     pthread_t thread;
     CURLM *multi;
-    bpn_signer *signer;
     bpn_map lanes;
     bpn_map hosts;
     lane *ready_head, *ready_tail;
@@ -186,7 +203,37 @@ static void log_locked(bpn_delivery *d, int level, const char *fmt, ...) {
 static void dlv_free(dlv *x) {
     if (!x) return;
     bpn_event_unref(x->ev);
+    free(x->log);
     free(x);
+}
+
+static void keyset_unref(keyset *ks) {
+    if (!ks ||
+        atomic_fetch_sub_explicit(&ks->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    for (size_t i = 0; i < ks->n; i++) {
+        bpn_signer_free(ks->k[i].bp);
+        bpn_signer_free(ks->k[i].std);
+    }
+    free(ks);
+}
+
+/* Returns a keyset with one reference, or NULL when out of memory. */
+static keyset *keyset_new(const bpn_key *keys, size_t n) {
+    keyset *ks = calloc(1, sizeof(*ks) + n * sizeof(ks->k[0]));
+    if (!ks) return NULL;
+    atomic_init(&ks->refs, 1);
+    ks->n = n;
+    for (size_t i = 0; i < n; i++) {
+        ks->k[i].bp = bpn_signer_new(keys[i].key, keys[i].key_len);
+        ks->k[i].std = bpn_signer_new(keys[i].std_key, keys[i].std_key_len);
+        ks->k[i].expires_s = keys[i].expires_s;
+        if (!ks->k[i].bp || !ks->k[i].std) {
+            keyset_unref(ks);
+            return NULL;
+        }
+    }
+    return ks;
 }
 
 /* Moves a finished-with-failure delivery to the dead-letter ring. */
@@ -439,34 +486,86 @@ static struct curl_slist *add_header(struct curl_slist *list, const char *fmt,
 /* Signs and starts the head delivery of lane l. Returns 0, or -1 with an
  * error recorded on the delivery (the caller treats it as a failed
  * attempt). */
+/* Builds the signature headers of one attempt into *h. Returns 0, or -1
+ * with last_error set (the list is freed). */
+static int sign_headers(bpn_delivery *d, dlv *x, int64_t ts,
+                        struct curl_slist **h) {
+    char sig[BPN_SIG_HEX_LEN + 1];
+    /* "webhook-signature: " + up to 8 "v1,<44 chars>" */
+    char line[32 + 8 * (BPN_SIG_B64_LEN + 4)];
+    pthread_mutex_lock(&d->mu);
+    keyset *ks = d->keys;
+    atomic_fetch_add_explicit(&ks->refs, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&d->mu);
+    int rc = -1;
+    const char *body = x->ev->payload;
+    size_t blen = x->ev->payload_len;
+    if (d->cfg.schemes & BPN_SCHEME_BLUEPRINT) {
+        if (bpn_signer_hex(ks->k[0].bp, ts, body, blen, sig) < 0) goto exit;
+        *h = add_header(*h, "X-Webhook-Signature: sha256=%s", sig);
+        if (*h) *h = add_header(*h, "X-Webhook-Timestamp: %lld", (long long)ts);
+        if (!*h) goto exit;
+    }
+    if (d->cfg.schemes & BPN_SCHEME_STANDARD) {
+        /* One v1 signature per live key: receivers accept any of them. */
+        size_t n = (size_t)snprintf(line, sizeof(line), "webhook-signature:");
+        for (size_t i = 0, used = 0; i < ks->n && used < 8; i++) {
+            if (i > 0 && ks->k[i].expires_s && ks->k[i].expires_s <= ts)
+                continue;
+            char b64[BPN_SIG_B64_LEN + 1];
+            if (bpn_signer_std(ks->k[i].std, x->msg_id, ts, body, blen, b64) <
+                0)
+                goto exit;
+            n += (size_t)snprintf(line + n, sizeof(line) - n, "%sv1,%s",
+                                  used ? " " : " ", b64);
+            used++;
+        }
+        *h = add_header(*h, "webhook-id: %s", x->msg_id);
+        if (*h) *h = add_header(*h, "webhook-timestamp: %lld", (long long)ts);
+        if (*h) {
+            struct curl_slist *next = curl_slist_append(*h, line);
+            if (!next) curl_slist_free_all(*h);
+            *h = next;
+        }
+        if (!*h) goto exit;
+    }
+    rc = 0;
+exit:
+    keyset_unref(ks);
+    if (rc < 0) {
+        if (*h) curl_slist_free_all(*h);
+        *h = NULL;
+        snprintf(x->last_error, ERR_MAX, "could not sign the payload");
+    }
+    return rc;
+}
+
+/* Signs and starts the head delivery of lane l. Returns 0, or -1 with an
+ * error recorded on the delivery (the caller treats it as a failed
+ * attempt). */
 static int transfer_start(bpn_delivery *d, lane *l) {
     dlv *x = l->head;
-    char sig[BPN_SIG_HEX_LEN + 1];
     int64_t ts = bpn_wall_s();
     transfer *t = NULL;
-    struct curl_slist *h = NULL;
-    if (bpn_signer_hex(d->signer, ts, x->ev->payload, x->ev->payload_len, sig) <
-        0) {
-        snprintf(x->last_error, ERR_MAX, "could not sign the payload");
-        goto error;
-    }
-    t = transfer_get(d);
-    if (!t) goto nomem;
-    h = add_header(NULL, "Content-Type: application/json");
-    if (h) h = add_header(h, "X-Webhook-Signature: sha256=%s", sig);
-    if (h) h = add_header(h, "X-Webhook-Timestamp: %lld", (long long)ts);
-    if (h) h = add_header(h, "X-Job-Id: %.*s", (int)x->job_len, x->job_id);
+    struct curl_slist *h = add_header(NULL, "Content-Type: application/json");
+    if (!h) goto nomem;
+    if (sign_headers(d, x, ts, &h) < 0) goto error;
+    h = add_header(h, "X-Job-Id: %.*s", (int)x->job_len, x->job_id);
     if (h) h = add_header(h, "Expect:");
     if (!h) goto nomem;
+    t = transfer_get(d);
+    if (!t) goto nomem;
     t->headers = h;
+    h = NULL;
     t->lane = l;
+    t->started_at = bpn_wall_f();
     CURL *e = t->easy;
     curl_easy_setopt(e, CURLOPT_URL, x->url);
     curl_easy_setopt(e, CURLOPT_POST, 1L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->ev->payload);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE,
                      (curl_off_t)x->ev->payload_len);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->headers);
     curl_easy_setopt(e, CURLOPT_USERAGENT, d->user_agent);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)d->cfg.timeout_ms);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
@@ -492,6 +591,7 @@ static int transfer_start(bpn_delivery *d, lane *l) {
 nomem:
     snprintf(x->last_error, ERR_MAX, "out of memory starting the transfer");
 error:
+    curl_slist_free_all(h);
     if (t) transfer_put(d, t);
     return -1;
 }
@@ -527,6 +627,11 @@ static void attempt_failed(bpn_delivery *d, lane *l, int final) {
     }
     uint64_t delay = bpn_backoff_ms(d->cfg.retry_base_ms, x->attempts,
                                     d->cfg.max_retry_delay_ms, next_rand(d));
+    if (x->retry_after_ms > delay) /* the receiver's hint, within the cap */
+        delay = x->retry_after_ms < d->cfg.max_retry_delay_ms
+                    ? x->retry_after_ms
+                    : d->cfg.max_retry_delay_ms;
+    x->retry_after_ms = 0;
     pthread_mutex_lock(&d->mu);
     log_locked(d, LOG_WARNING,
                "webhook attempt %" PRIu32 " failed, retrying in %" PRIu64
@@ -550,6 +655,51 @@ static void transfer_detach(bpn_delivery *d, transfer *t) {
     transfer_put(d, t);
 }
 
+/* Milliseconds the receiver asked us to wait (Retry-After: seconds or an
+ * HTTP-date), or 0. */
+static uint64_t retry_after_ms(CURL *easy) {
+    struct curl_header *hdr = NULL;
+    if (curl_easy_header(easy, "Retry-After", 0, CURLH_HEADER, -1, &hdr) !=
+            CURLHE_OK ||
+        !hdr || !hdr->value)
+        return 0;
+    const char *v = hdr->value;
+    while (*v == ' ' || *v == '\t') v++;
+    if (*v >= '0' && *v <= '9') {
+        uint64_t secs = 0;
+        for (; *v >= '0' && *v <= '9'; v++) {
+            if (secs > UINT64_MAX / 10000) return UINT64_MAX;
+            secs = secs * 10 + (uint64_t)(*v - '0');
+        }
+        return secs * 1000;
+    }
+    time_t when = curl_getdate(v, NULL);
+    time_t now = time(NULL);
+    if (when == (time_t)-1 || when <= now) return 0;
+    return (uint64_t)(when - now) * 1000;
+}
+
+/* Appends a failed attempt to the delivery's log (the newest kept). */
+static void log_attempt(dlv *x, transfer *t, long status) {
+    if (!x->log) {
+        x->log = calloc(BPN_ATTEMPT_LOG_MAX, sizeof(*x->log));
+        if (!x->log) return; /* the log is best effort; last_error stays */
+    }
+    if (x->nlog == BPN_ATTEMPT_LOG_MAX) {
+        memmove(x->log, x->log + 1,
+                (BPN_ATTEMPT_LOG_MAX - 1) * sizeof(*x->log));
+        x->nlog--;
+    }
+    bpn_attempt *a = &x->log[x->nlog++];
+    curl_off_t us = 0;
+    curl_easy_getinfo(t->easy, CURLINFO_TOTAL_TIME_T, &us);
+    a->at = t->started_at;
+    a->duration_ms = (uint32_t)(us / 1000);
+    a->status = (int)status;
+    snprintf(a->error, sizeof(a->error), "%.*s", (int)sizeof(a->error) - 1,
+             x->last_error);
+}
+
 static void on_done(bpn_delivery *d, CURLMsg *msg) {
     transfer *t = NULL;
     curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
@@ -560,18 +710,28 @@ static void on_done(bpn_delivery *d, CURLMsg *msg) {
     curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
     int answered = code == CURLE_OK || (code == CURLE_WRITE_ERROR && t->capped);
     int delivered = answered && status >= 200 && status < 300;
-    int refused = t->refused != NULL;
-    if (refused)
+    int final = t->refused != NULL;
+    if (t->refused) {
         snprintf(x->last_error, ERR_MAX,
                  "refused to connect to %s: %s; webhooks to private and "
                  "special-purpose networks are blocked (set "
                  "allow_private_networks=True to allow them)",
                  t->refused_addr, t->refused);
-    else if (answered && !delivered)
+    } else if (answered && status == 410) {
+        /* The receiver says the endpoint is gone for good. */
+        final = 1;
+        snprintf(x->last_error, ERR_MAX,
+                 "HTTP 410 Gone: the receiver asked for no further deliveries "
+                 "to this URL; not retried");
+    } else if (answered && !delivered) {
         snprintf(x->last_error, ERR_MAX, "HTTP %ld", status);
-    else if (!delivered)
+        if (status == 429 || status == 503)
+            x->retry_after_ms = retry_after_ms(t->easy);
+    } else if (!delivered) {
         snprintf(x->last_error, ERR_MAX, "%s%s%s", curl_easy_strerror(code),
                  t->errbuf[0] ? ": " : "", t->errbuf);
+    }
+    if (!delivered) log_attempt(x, t, answered ? status : 0);
     transfer_detach(d, t);
     x->attempts++;
     pthread_mutex_lock(&d->mu);
@@ -584,7 +744,7 @@ static void on_done(bpn_delivery *d, CURLMsg *msg) {
     if (delivered)
         lane_finish(d, l, 1);
     else
-        attempt_failed(d, l, refused);
+        attempt_failed(d, l, final);
 }
 
 /* ---- the thread --------------------------------------------------------- */
@@ -759,12 +919,11 @@ int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
     d->cfg = *cfg;
     d->on_drained = on_drained;
     d->drained_arg = arg;
-    d->secret = malloc(cfg->secret_len ? cfg->secret_len : 1);
     d->user_agent = strdup(cfg->user_agent ? cfg->user_agent : "");
-    if (!d->secret || !d->user_agent) goto error;
-    memcpy(d->secret, cfg->secret, cfg->secret_len);
-    d->cfg.secret = d->secret;
+    if (!d->user_agent) goto error;
     d->cfg.user_agent = d->user_agent;
+    d->cfg.keys = NULL;
+    d->cfg.nkeys = 0;
     if (cfg->max_dead_letters) {
         d->dead = calloc(cfg->max_dead_letters, sizeof(*d->dead));
         if (!d->dead) goto error;
@@ -774,6 +933,15 @@ int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
         goto error;
     }
     d->rng |= 1;
+    {
+        uint8_t prefix[8];
+        if (bpn_random_bytes(prefix, sizeof(prefix)) < 0) {
+            rc = BPN_ESYS;
+            goto error;
+        }
+        bpn_hex_encode(d->id_prefix, prefix, sizeof(prefix));
+        d->id_prefix[16] = '\0';
+    }
     d->low_water = 1; /* ids start at 1 */
     if (bpn_map_init(&d->lanes) < 0 || bpn_map_init(&d->hosts) < 0) goto error;
     if (pthread_mutex_init(&d->mu, NULL) != 0) goto error;
@@ -786,9 +954,9 @@ int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
         snprintf(err, errlen, "curl_global_init failed");
         goto error_sync;
     }
-    d->signer = bpn_signer_new(d->secret, cfg->secret_len);
+    d->keys = cfg->nkeys ? keyset_new(cfg->keys, cfg->nkeys) : NULL;
     d->multi = curl_multi_init();
-    if (!d->signer || !d->multi) {
+    if (!d->keys || !d->multi) {
         snprintf(err, errlen, "could not create the HMAC signer or curl multi");
         goto error_curl;
     }
@@ -815,7 +983,7 @@ int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
     return BPN_OK;
 error_curl:
     curl_multi_cleanup(d->multi);
-    bpn_signer_free(d->signer);
+    keyset_unref(d->keys);
     curl_global_cleanup();
 error_sync:
     pthread_cond_destroy(&d->cond);
@@ -826,7 +994,6 @@ error:
         bpn_map_fini(&d->lanes);
         bpn_map_fini(&d->hosts);
         free(d->dead);
-        free(d->secret);
         free(d->user_agent);
         free(d);
     }
@@ -855,6 +1022,9 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
     x->next = NULL;
     x->attempts = 0;
     x->failed_at = 0;
+    x->retry_after_ms = 0;
+    x->log = NULL;
+    x->nlog = 0;
     x->last_error[0] = '\0';
     int wake = 0;
     pthread_mutex_lock(&d->mu);
@@ -865,6 +1035,8 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
     }
     x->ev = bpn_event_ref(ev);
     x->id = ++d->next_id;
+    snprintf(x->msg_id, sizeof(x->msg_id), "msg_%s%016llx", d->id_prefix,
+             (unsigned long long)x->id);
     if (d->submit_tail)
         d->submit_tail->next = x;
     else
@@ -979,18 +1151,29 @@ void bpn_delivery_free(bpn_delivery *d) {
         t = next;
     }
     curl_multi_cleanup(d->multi);
-    bpn_signer_free(d->signer);
+    keyset_unref(d->keys);
     curl_global_cleanup();
     bpn_delivery_clear_dead(d);
     bpn_map_fini(&d->lanes);
     bpn_map_fini(&d->hosts);
     free(d->heap);
     free(d->dead);
-    free(d->secret);
     free(d->user_agent);
     pthread_cond_destroy(&d->cond);
     pthread_mutex_destroy(&d->mu);
     free(d);
+}
+
+int bpn_delivery_set_keys(bpn_delivery *d, const bpn_key *keys, size_t n) {
+    if (n == 0) return BPN_EINVAL;
+    keyset *ks = keyset_new(keys, n);
+    if (!ks) return BPN_ENOMEM;
+    pthread_mutex_lock(&d->mu);
+    keyset *old = d->keys;
+    d->keys = ks;
+    pthread_mutex_unlock(&d->mu);
+    keyset_unref(old);
+    return BPN_OK;
 }
 
 void bpn_delivery_stats_get(bpn_delivery *d, bpn_delivery_stats *out) {
@@ -1005,6 +1188,7 @@ void bpn_dead_letters_free(bpn_dead_letter *arr, size_t n) {
         free(arr[i].job_id);
         free(arr[i].url);
         free(arr[i].last_error);
+        free(arr[i].log);
         bpn_event_unref(arr[i].ev);
     }
     free(arr);
@@ -1032,7 +1216,13 @@ int bpn_delivery_dead_snapshot(bpn_delivery *d, bpn_dead_letter **out,
         v->url = strdup(x->url);
         v->last_error = strdup(x->last_error);
         v->ev = bpn_event_ref(x->ev);
-        if (!v->job_id || !v->url || !v->last_error) {
+        memcpy(v->msg_id, x->msg_id, sizeof(v->msg_id));
+        v->nlog = x->nlog;
+        if (x->nlog) {
+            v->log = malloc(x->nlog * sizeof(*v->log));
+            if (v->log) memcpy(v->log, x->log, x->nlog * sizeof(*v->log));
+        }
+        if (!v->job_id || !v->url || !v->last_error || (x->nlog && !v->log)) {
             bpn_dead_letters_free(arr, i + 1);
             arr = NULL;
             count = 0;

@@ -13,9 +13,33 @@
 
 #include "event.h"
 
+/* Signature schemes (bit flags). */
+enum { BPN_SCHEME_BLUEPRINT = 1, BPN_SCHEME_STANDARD = 2 };
+
+/* A signing key: the raw secret for the blueprint scheme, the decoded key
+ * for the standard one, and when it stops being used (wall clock seconds;
+ * 0: never). The first key of a set is the current one. */
 typedef struct {
-    const uint8_t *secret;
-    size_t secret_len;
+    const uint8_t *key;
+    size_t key_len;
+    const uint8_t *std_key;
+    size_t std_key_len;
+    int64_t expires_s;
+} bpn_key;
+
+/* One failed attempt, as kept on a delivery (newest last). */
+#define BPN_ATTEMPT_LOG_MAX 50
+typedef struct {
+    double at; /* wall clock, seconds, when the attempt started */
+    uint32_t duration_ms;
+    int status; /* HTTP status, 0 if none was received */
+    char error[128];
+} bpn_attempt;
+
+typedef struct {
+    const bpn_key *keys; /* at least one */
+    size_t nkeys;
+    int schemes;          /* BPN_SCHEME_* flags */
     uint32_t max_retries; /* extra attempts after the first */
     uint64_t retry_base_ms;
     uint64_t max_retry_delay_ms; /* cap of one backoff delay */
@@ -40,6 +64,9 @@ typedef struct {
     char *last_error;
     bpn_event *ev;    /* ev->payload is the exact body sent */
     double failed_at; /* wall clock, seconds */
+    char msg_id[40];  /* webhook-id, the same for every attempt */
+    bpn_attempt *log; /* the attempts' outcomes, oldest first */
+    uint32_t nlog;
 } bpn_dead_letter;
 
 typedef struct {
@@ -73,6 +100,9 @@ void bpn_delivery_free(bpn_delivery *d);
 int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
                         const char *url, size_t url_len, const char *origin,
                         bpn_event *ev);
+
+/* Replaces the signing keys (rotation). Returns 0 or BPN_ENOMEM. */
+int bpn_delivery_set_keys(bpn_delivery *d, const bpn_key *keys, size_t n);
 
 /* Tickets: "everything submitted so far". ticket() is the id of the last
  * delivery submitted; a ticket is done once every delivery with an id up to
