@@ -24,11 +24,14 @@ logger = logging.getLogger("blueprint_notify")
 _live: weakref.WeakSet[JobNotifier] = weakref.WeakSet()
 
 
+delivery_logger = logging.getLogger("blueprint_notify.delivery")
+
+
 def _emit_logs(records: list[tuple[int, str]]) -> None:
     """Sink for the delivery thread's log records (called with the GIL, from
     whichever Python thread next enters the engine)."""
     for level, msg in records:
-        logger.log(level, "%s", msg)
+        delivery_logger.log(level, "%s", msg)
 
 
 class JobNotifier:
@@ -192,9 +195,13 @@ class JobNotifier:
         """Webhook deliveries queued, in flight or waiting for a retry."""
         return self._engine.pending()
 
-    def stats(self) -> dict[str, int]:
-        """Counters: submitted, delivered, dead_lettered, dead_letters_evicted,
-        attempts, failed_attempts, pending, active_channels."""
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges: enqueued (alias submitted), delivered,
+        retried, dead_lettered, dead_letters_evicted, attempts,
+        failed_attempts, in_flight, pending, channels (alias
+        active_channels), subscribers, and the notify-to-2xx delivery
+        latency percentiles latency_p50_ms / p90 / p99 (histogram, ~19%
+        buckets; 0 before the first delivery)."""
         return self._engine.stats()
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -149,6 +149,22 @@ static PyObject *raise_core_error(int rc, PyTypeObject *tp) {
     }
 }
 
+/* Returns 1 if the engine may be used here, else 0 with RuntimeError: in a
+ * fork() child the parent's notifier has no delivery thread. */
+static int engine_usable(EngineObject *self) {
+    if (!bpn_engine_forked(self->e)) return 1;
+    PyErr_SetString(PyExc_RuntimeError,
+                    "this JobNotifier was created before os.fork() and cannot "
+                    "be used in the child process; create a new JobNotifier "
+                    "in the child (e.g. in gunicorn's post_fork hook)");
+    return 0;
+}
+
+#define REQUIRE_USABLE(self)                   \
+    do {                                       \
+        if (!engine_usable(self)) return NULL; \
+    } while (0)
+
 /* ---- logs ---------------------------------------------------------------- */
 
 /* Hands the delivery thread's log records to the Python sink. Never raises:
@@ -157,7 +173,7 @@ static void pump_logs(EngineObject *self) {
     bpn_log_record *recs = NULL;
     size_t n = 0;
     PyObject *list = NULL, *res = NULL;
-    if (!self->e || !self->log_sink ||
+    if (!self->e || !self->log_sink || bpn_engine_forked(self->e) ||
         !bpn_delivery_has_logs(self->e->delivery))
         return;
     if (bpn_delivery_take_logs(self->e->delivery, &recs, &n) != BPN_OK) return;
@@ -291,6 +307,9 @@ static void Engine_dealloc(PyObject *op) {
     EngineObject *self = ENGINE_CAST(op);
     PyTypeObject *tp = Py_TYPE(op);
     PyObject_GC_UnTrack(op);
+    if (self->e && bpn_engine_forked(self->e)) {
+        self->e = NULL; /* the parent's: nothing here is ours to free */
+    }
     if (self->e && !self->closed) {
         /* Never closed: dead-letter what is pending and log it, so nothing
          * vanishes without a trace. */
@@ -317,6 +336,7 @@ static void Engine_dealloc(PyObject *op) {
 }
 
 static PyObject *Engine_register_job(PyObject *op, PyObject *job) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     const char *id;
     Py_ssize_t len;
@@ -329,6 +349,7 @@ static PyObject *Engine_register_job(PyObject *op, PyObject *job) {
 
 static PyObject *Engine_validate_job_token(PyObject *op, PyObject *const *args,
                                            Py_ssize_t nargs) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     const char *id, *token;
     Py_ssize_t len, token_len;
@@ -343,6 +364,7 @@ static PyObject *Engine_validate_job_token(PyObject *op, PyObject *const *args,
 /* notify(job_id, status, event_json, webhook_url) -> seq */
 static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
                                Py_ssize_t nargs) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     const char *id, *url = NULL;
     Py_ssize_t len, url_len = 0;
@@ -376,29 +398,58 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
 }
 
 static PyObject *Engine_active_channels(PyObject *op, PyObject *unused) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     (void)unused;
     return PyLong_FromSize_t(bpn_hub_active(&ENGINE_CAST(op)->e->hub));
 }
 
 static PyObject *Engine_pending(PyObject *op, PyObject *unused) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     bpn_delivery_stats st;
     (void)unused;
     bpn_delivery_stats_get(ENGINE_CAST(op)->e->delivery, &st);
     return PyLong_FromUnsignedLongLong(st.pending);
 }
 
+/* The value (ms) below which a fraction q of the latencies fall, from the
+ * histogram (bucket midpoints), or 0 without data. */
+static double latency_quantile(const bpn_delivery_stats *st, double q) {
+    uint64_t total = 0;
+    for (unsigned b = 0; b < BPN_LATENCY_BUCKETS; b++) total += st->latency[b];
+    if (total == 0) return 0.0;
+    uint64_t rank = (uint64_t)(q * (double)total);
+    if (rank >= total) rank = total - 1;
+    uint64_t seen = 0;
+    for (unsigned b = 0; b < BPN_LATENCY_BUCKETS; b++) {
+        seen += st->latency[b];
+        if (seen > rank) {
+            double lo = (double)bpn_latency_lower(b);
+            double hi = (double)bpn_latency_lower(b + 1);
+            return (lo + hi) / 2.0 / 1000.0;
+        }
+    }
+    return 0.0;
+}
+
 static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
     EngineObject *self = ENGINE_CAST(op);
     bpn_delivery_stats st;
     (void)unused;
+    REQUIRE_USABLE(self);
     pump_logs(self);
     bpn_delivery_stats_get(self->e->delivery, &st);
+    Py_ssize_t channels = (Py_ssize_t)bpn_hub_active(&self->e->hub);
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsn}", "submitted", st.submitted, "delivered",
-        st.delivered, "dead_lettered", st.dead_lettered, "dead_letters_evicted",
+        "{sKsKsKsKsKsKsKsKsKsKsnsnsnsdsdsd}", "enqueued", st.submitted,
+        "submitted", st.submitted, "delivered", st.delivered, "retried",
+        st.retried, "dead_lettered", st.dead_lettered, "dead_letters_evicted",
         st.evicted, "attempts", st.attempts, "failed_attempts",
-        st.failed_attempts, "pending", st.pending, "active_channels",
-        (Py_ssize_t)bpn_hub_active(&self->e->hub));
+        st.failed_attempts, "in_flight", st.in_flight, "pending", st.pending,
+        "channels", channels, "active_channels", channels, "subscribers",
+        (Py_ssize_t)bpn_hub_subscribers(&self->e->hub), "latency_p50_ms",
+        latency_quantile(&st, 0.50), "latency_p90_ms",
+        latency_quantile(&st, 0.90), "latency_p99_ms",
+        latency_quantile(&st, 0.99));
 }
 
 /* The attempt log as a list of (at, duration_ms, status, error). */
@@ -422,6 +473,7 @@ static PyObject *attempt_list(const bpn_attempt *log, uint32_t n) {
 }
 
 static PyObject *Engine_dead_letters(PyObject *op, PyObject *unused) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     bpn_dead_letter *arr = NULL;
     size_t n = 0;
@@ -455,6 +507,7 @@ exit:
 
 /* set_keys([(key, std_key, expires_s), ...]): the first is current. */
 static PyObject *Engine_set_keys(PyObject *op, PyObject *arg) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     PyObject *seq = PySequence_Fast(arg, "keys must be a sequence");
     bpn_key *keys = NULL;
@@ -493,6 +546,7 @@ exit:
 }
 
 static PyObject *Engine_clear_dead_letters(PyObject *op, PyObject *unused) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     (void)unused;
     bpn_delivery_clear_dead(ENGINE_CAST(op)->e->delivery);
     Py_RETURN_NONE;
@@ -524,6 +578,7 @@ static int wait_drained(EngineObject *self, int64_t timeout_ms) {
 }
 
 static PyObject *Engine_flush(PyObject *op, PyObject *timeout) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     int64_t ms;
     if (get_timeout_ms(timeout, &ms) < 0) return NULL;
@@ -537,7 +592,7 @@ static PyObject *Engine_close(PyObject *op, PyObject *timeout) {
     EngineObject *self = ENGINE_CAST(op);
     int64_t ms;
     if (get_timeout_ms(timeout, &ms) < 0) return NULL;
-    if (self->closed) Py_RETURN_NONE;
+    if (self->closed || bpn_engine_forked(self->e)) Py_RETURN_NONE;
     self->closed = 1;
     bpn_hub_close(&self->e->hub); /* refuse new events, end subscriptions */
     int ok = wait_drained(self, ms);
@@ -551,12 +606,14 @@ static PyObject *Engine_close(PyObject *op, PyObject *timeout) {
 }
 
 static PyObject *Engine_ticket(PyObject *op, PyObject *unused) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     (void)unused;
     return PyLong_FromUnsignedLongLong(
         bpn_delivery_ticket(ENGINE_CAST(op)->e->delivery));
 }
 
 static PyObject *Engine_ticket_done(PyObject *op, PyObject *arg) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     unsigned long long t = PyLong_AsUnsignedLongLong(arg);
     if (t == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     return PyBool_FromLong(
@@ -564,6 +621,7 @@ static PyObject *Engine_ticket_done(PyObject *op, PyObject *arg) {
 }
 
 static PyObject *Engine_watch(PyObject *op, PyObject *flag) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     int on = PyObject_IsTrue(flag);
     if (on < 0) return NULL;
     bpn_delivery_watch(ENGINE_CAST(op)->e->delivery, on);
@@ -578,7 +636,8 @@ static PyObject *Engine_pump_logs(PyObject *op, PyObject *unused) {
 
 static PyObject *Engine_get_closed(PyObject *op, void *closure) {
     (void)closure;
-    return PyBool_FromLong(ENGINE_CAST(op)->closed);
+    EngineObject *self = ENGINE_CAST(op);
+    return PyBool_FromLong(self->closed || bpn_engine_forked(self->e));
 }
 
 /* subscribe(job_id, waker, on_ready, token=None, after=-1) -> Subscriber
@@ -587,6 +646,7 @@ static PyObject *Engine_get_closed(PyObject *op, void *closure) {
  * first event, or a sequence number already seen. */
 static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
                                   Py_ssize_t nargs) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     module_state *st = state_of_type(Py_TYPE(op));
     const char *id, *token = NULL;
@@ -640,6 +700,7 @@ static PyObject *Engine_subscribe(PyObject *op, PyObject *const *args,
 }
 
 static PyObject *Engine_sweep(PyObject *op, PyObject *unused) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
     (void)unused;
     bpn_hub_sweep(&ENGINE_CAST(op)->e->hub);
     Py_RETURN_NONE;
@@ -712,6 +773,7 @@ static PyObject *Waker_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "on_drained must be callable");
         return NULL;
     }
+    if (!engine_usable(ENGINE_CAST(engine))) return NULL;
     WakerObject *self = (WakerObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     self->engine = (EngineObject *)Py_NewRef(engine);

@@ -349,6 +349,13 @@ void bpn_hub_signal_drained(bpn_hub *hub) {
     bpn_hub_unlock(hub);
 }
 
+size_t bpn_hub_subscribers(bpn_hub *hub) {
+    bpn_hub_lock(hub);
+    size_t n = hub->subscribers;
+    bpn_hub_unlock(hub);
+    return n;
+}
+
 /* ---- publish ------------------------------------------------------------ */
 
 void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
@@ -424,6 +431,7 @@ int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, const char *token,
     s->next = job->subs;
     if (job->subs) job->subs->prev = s;
     job->subs = s;
+    hub->subscribers++;
 exit:
     bpn_hub_unlock(hub);
     if (err != BPN_OK) {
@@ -445,6 +453,7 @@ void bpn_sub_free(bpn_sub *s) {
     else
         job->subs = s->next;
     if (s->next) s->next->prev = s->prev;
+    hub->subscribers--;
     job_unref(hub, job);
     bpn_hub_unlock(hub);
     free(s);

@@ -30,6 +30,7 @@ typedef struct bpn_hub {
     uint64_t retention_ms;
     bpn_job *retained_head, *retained_tail; /* terminal jobs, oldest first */
     size_t retained;
+    size_t subscribers;
     int closed;
     bpn_waker *wakers; /* every waker, for drain signals and close */
 } bpn_hub;
@@ -55,6 +56,8 @@ int bpn_hub_check_token(bpn_hub *hub, const char *id, size_t len,
                         const char *token, size_t token_len);
 /* Number of live (non-terminal) channels. Frees expired retained jobs. */
 size_t bpn_hub_active(bpn_hub *hub);
+/* Number of subscribers attached. */
+size_t bpn_hub_subscribers(bpn_hub *hub);
 
 /* Appends ev to the job's history (if the job has a live channel), assigns
  * its sequence number and SSE frame, and marks the job's subscribers ready.

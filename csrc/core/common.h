@@ -35,8 +35,13 @@ enum {
 #define BPN_CONTAINER_OF(ptr, type, member) \
     ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
 
-/* Monotonic clock in milliseconds. */
+/* Monotonic clock in milliseconds, and in microseconds. */
 uint64_t bpn_now_ms(void);
+uint64_t bpn_now_us(void);
+
+/* Bumped in the child after fork(): objects from before are unusable there
+ * (their threads did not survive). */
+unsigned bpn_fork_generation(void);
 /* Wall clock in seconds since the epoch, and as a double. */
 int64_t bpn_wall_s(void);
 double bpn_wall_f(void);

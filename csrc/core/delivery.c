@@ -38,6 +38,7 @@ typedef struct dlv {
     const char *url;
     const char *origin;
     uint64_t retry_after_ms; /* the receiver's Retry-After, for the next wait */
+    uint64_t submitted_us;   /* monotonic, for the latency histogram */
     bpn_attempt *log;        /* failed attempts, oldest first */
     uint32_t nlog;
     char msg_id[40];
@@ -143,6 +144,21 @@ struct bpn_delivery {
 };
 
 /* ---- small helpers ------------------------------------------------------ */
+
+/* Four buckets per power of two: about 19% wide. */
+static unsigned latency_bucket(uint64_t us) {
+    if (us < 4) return (unsigned)us;
+    unsigned e = 63u - (unsigned)__builtin_clzll(us);
+    unsigned m = (unsigned)(us >> (e - 2)) & 3u;
+    unsigned b = 4u * (e - 1u) + m;
+    return b < BPN_LATENCY_BUCKETS ? b : BPN_LATENCY_BUCKETS - 1;
+}
+
+uint64_t bpn_latency_lower(unsigned b) {
+    if (b < 4) return b;
+    unsigned e = b / 4 + 1, m = b % 4;
+    return e >= 64 ? UINT64_MAX : (uint64_t)(4 + m) << (e - 2);
+}
 
 uint64_t bpn_backoff_ms(uint64_t base, uint32_t n, uint64_t cap, uint64_t rnd) {
     uint32_t shift = n > 0 ? n - 1 : 0;
@@ -625,6 +641,9 @@ static void attempt_failed(bpn_delivery *d, lane *l, int final) {
         lane_finish(d, l, 0);
         return;
     }
+    pthread_mutex_lock(&d->mu);
+    d->stats.retried++;
+    pthread_mutex_unlock(&d->mu);
     uint64_t delay = bpn_backoff_ms(d->cfg.retry_base_ms, x->attempts,
                                     d->cfg.max_retry_delay_ms, next_rand(d));
     if (x->retry_after_ms > delay) /* the receiver's hint, within the cap */
@@ -736,10 +755,14 @@ static void on_done(bpn_delivery *d, CURLMsg *msg) {
     x->attempts++;
     pthread_mutex_lock(&d->mu);
     d->stats.attempts++;
-    if (delivered)
+    if (delivered) {
         d->stats.delivered++;
-    else
+        uint64_t now = bpn_now_us();
+        d->stats.latency[latency_bucket(
+            now > x->submitted_us ? now - x->submitted_us : 0)]++;
+    } else {
         d->stats.failed_attempts++;
+    }
     pthread_mutex_unlock(&d->mu);
     if (delivered)
         lane_finish(d, l, 1);
@@ -797,6 +820,7 @@ static int sync_with_callers(bpn_delivery *d) {
     d->submit_head = d->submit_tail = NULL;
     d->wake_posted = 0;
     stop = d->stop;
+    d->stats.in_flight = d->inflight;
     if (d->done_unpublished) {
         d->stats.pending -= d->done_unpublished;
         d->done_unpublished = 0;
@@ -1035,6 +1059,7 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
     }
     x->ev = bpn_event_ref(ev);
     x->id = ++d->next_id;
+    x->submitted_us = bpn_now_us();
     snprintf(x->msg_id, sizeof(x->msg_id), "msg_%s%016llx", d->id_prefix,
              (unsigned long long)x->id);
     if (d->submit_tail)

@@ -74,6 +74,8 @@ typedef struct {
     char msg[512];
 } bpn_log_record;
 
+#define BPN_LATENCY_BUCKETS 256
+
 typedef struct {
     uint64_t submitted;
     uint64_t delivered;
@@ -81,8 +83,15 @@ typedef struct {
     uint64_t evicted; /* dead letters dropped by the cap */
     uint64_t attempts;
     uint64_t failed_attempts;
+    uint64_t retried; /* failed attempts followed by a retry */
     uint64_t pending;
+    uint64_t in_flight; /* transfers on the wire */
+    /* Latency from notify() to a 2xx, microseconds: bucket b counts values
+     * in [bpn_latency_lower(b), bpn_latency_lower(b + 1)). */
+    uint64_t latency[BPN_LATENCY_BUCKETS];
 } bpn_delivery_stats;
+
+uint64_t bpn_latency_lower(unsigned bucket);
 
 /* Creates the engine and starts its thread. on_drained(arg) is called from
  * the delivery thread, with no lock held, each time the pending count

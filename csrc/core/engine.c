@@ -31,12 +31,17 @@ int bpn_engine_new(const bpn_engine_config *cfg, bpn_engine **out, char *err,
         free(e);
         return rc;
     }
+    e->fork_generation = bpn_fork_generation();
     *out = e;
     return BPN_OK;
 }
 
+int bpn_engine_forked(const bpn_engine *e) {
+    return e->fork_generation != bpn_fork_generation();
+}
+
 void bpn_engine_free(bpn_engine *e) {
-    if (!e) return;
+    if (!e || bpn_engine_forked(e)) return;
     bpn_hub_close(&e->hub);
     bpn_delivery_free(e->delivery);
     bpn_hub_fini(&e->hub);

@@ -21,13 +21,19 @@ typedef struct {
 typedef struct {
     bpn_hub hub;
     bpn_delivery *delivery;
+    unsigned fork_generation; /* at creation; see bpn_engine_forked */
 } bpn_engine;
+
+/* 1 if this process is a fork() child of the one that created the engine:
+ * its delivery thread is gone and its locks may be in any state. */
+int bpn_engine_forked(const bpn_engine *e);
 
 /* Returns 0 and sets *out, or an error code with a message in err. */
 int bpn_engine_new(const bpn_engine_config *cfg, bpn_engine **out, char *err,
                    size_t errlen);
 /* Stops the delivery thread if needed and frees everything. Subscribers
- * and wakers must have been freed first. */
+ * and wakers must have been freed first. In a fork child it frees nothing
+ * (the parent's threads and connections are not the child's to touch). */
 void bpn_engine_free(bpn_engine *e);
 
 /* Checks a job id: 1..256 bytes, no control characters. Returns 0, or -1
