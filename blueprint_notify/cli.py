@@ -11,6 +11,7 @@ passed); that is what ``make demo`` does in CI.
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 
@@ -77,12 +78,37 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         help="run a scripted scenario against the server over HTTP, check it and exit (status 0 if all is well)",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="log the library, uvicorn and every request")
+    listen = commands.add_parser(
+        "listen",
+        help="receive webhooks locally, verify and print each one",
+        description=(
+            "A local webhook receiver: verifies every delivery's signature (Standard Webhooks "
+            "or X-Webhook-Signature) over the raw body, pretty-prints it, and answers 401 to "
+            "a bad signature. Point a notifier's webhook_url at it."
+        ),
+    )
+    listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    listen.add_argument("--port", type=int, default=8787, help="port (default: %(default)s; 0 picks a free one)")
+    listen.add_argument(
+        "--secret",
+        default=os.environ.get("BLUEPRINT_NOTIFY_SECRET"),
+        help="the signing secret (default: $BLUEPRINT_NOTIFY_SECRET)",
+    )
+    listen.add_argument("--tolerance", type=float, default=300, help="timestamp tolerance, seconds (default: 300)")
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser(prog)
     args = parser.parse_args(argv)
+    if args.command == "listen":
+        if not args.secret:
+            parser.error("listen needs --secret (or BLUEPRINT_NOTIFY_SECRET)")
+        if not 0 <= args.port <= 65535:
+            parser.error("--port must be from 0 to 65535")
+        from .listen import listen
+
+        return listen(args.host, args.port, args.secret, tolerance=args.tolerance)
     if args.command != "demo":
         parser.print_help()
         return 2

@@ -104,6 +104,22 @@ def verify_signature(
     return hmac.compare_digest(given, expected)
 
 
+def _verified(secret: str | bytes, headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether the request carries a valid signature of either scheme (the
+    Standard Webhooks one wins when both are present)."""
+    from ._verify import SignatureError, verify
+
+    key = secret.decode("utf-8") if isinstance(secret, bytes) else secret
+    try:
+        verify(body, headers, key)
+    except (SignatureError, TypeError, ValueError):
+        return False
+    if "webhook-signature" in headers and SIGNATURE_HEADER in headers:
+        # Both schemes present: the blueprint one must hold too.
+        return verify_signature(secret, headers.get(SIGNATURE_HEADER), headers.get(TIMESTAMP_HEADER), body)
+    return True
+
+
 class Headers(Mapping[str, str]):
     """Request headers as a read-only, case-insensitive mapping.
 
@@ -355,10 +371,10 @@ class _Server(http.server.ThreadingHTTPServer):
     # connections, which then wait a whole second for the retransmit.
     request_queue_size = 1024
 
-    def __init__(self, owner: WebhookReceiver, host: str) -> None:
+    def __init__(self, owner: WebhookReceiver, host: str, port: int = 0) -> None:
         self.owner = owner
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, 0), _RequestHandler)
+        super().__init__((host, port), _RequestHandler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn): skip it.
@@ -412,10 +428,12 @@ class WebhookReceiver:
         secret: str | bytes | None = None,
         *,
         host: str = "127.0.0.1",
+        port: int = 0,
         handler: Handler | None = None,
     ) -> None:
         self.secret = secret
         self.host = host
+        self._bind_port = port
         self._handler = handler
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -439,7 +457,7 @@ class WebhookReceiver:
                 raise RuntimeError("WebhookReceiver already started")
             if self._stopping.is_set():
                 raise RuntimeError("a stopped WebhookReceiver cannot be restarted")
-            self._server = _Server(self, self.host)
+            self._server = _Server(self, self.host, self._bind_port)
             self._port = int(self._server.server_address[1])
             self._serve_thread = threading.Thread(
                 target=self._server.serve_forever,
@@ -630,9 +648,7 @@ class WebhookReceiver:
         headers = Headers(h.headers.items())
         verified: bool | None = None
         if self.secret is not None:
-            verified = verify_signature(
-                self.secret, headers.get(SIGNATURE_HEADER), headers.get(TIMESTAMP_HEADER), body
-            )
+            verified = _verified(self.secret, headers, body)
         req = ReceivedRequest(
             index=-1,
             method=h.command,
