@@ -589,7 +589,7 @@ def test_dead_letter_is_logged_as_error(make_notifier, caplog) -> None:
     n = make_notifier(max_retries=1, retry_base_ms=5)
     n.notify("log-job", JobEvent(JobStatus.COMPLETED), UNREACHABLE)
     assert n.flush(5)
-    errors = [r for r in caplog.records if r.name == "blueprint_notify" and r.levelno == logging.ERROR]
+    errors = [r for r in caplog.records if r.name == "blueprint_notify.delivery" and r.levelno == logging.ERROR]
     assert len(errors) == 1, [r.getMessage() for r in caplog.records]
     msg = errors[0].getMessage()
     assert "log-job" in msg and UNREACHABLE in msg and "2 attempt" in msg
