@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import dataclasses
 import logging
+import math
 import threading
 import time
 import weakref
@@ -242,8 +243,13 @@ class JobNotifier:
         now = time.time()
         until = now + overlap_secs
         previous = [(secret, exp if exp else until) for secret, exp in self._secrets if secret and (not exp or exp > now)]
+        if overlap_secs == 0:
+            previous = []  # no overlap: the old secrets stop now
         live = [(new_secret, 0.0)] + [(s, e) for s, e in previous if s != new_secret][:7]
-        self._engine.set_keys([(s.encode("utf-8"), standard_key(s) if s != new_secret else std, int(e)) for s, e in live])
+        # Whole seconds on the native side: round up, never cut an overlap short.
+        self._engine.set_keys(
+            [(s.encode("utf-8"), standard_key(s) if s != new_secret else std, math.ceil(e)) for s, e in live]
+        )
         self._secrets = live
         self._secret = new_secret.encode("utf-8")
 
@@ -300,8 +306,12 @@ class JobNotifier:
             engine.close(0)
 
     def __repr__(self) -> str:
+        try:
+            pending, channels = self._engine.pending(), self._engine.active_channels()
+        except RuntimeError:  # a fork child: the parent's notifier is unusable here
+            return "<JobNotifier from before fork(): unusable in this process>"
         state = "closed" if self.closed else "open"
-        return f"<JobNotifier {state} pending={self._engine.pending()} channels={self._engine.active_channels()}>"
+        return f"<JobNotifier {state} pending={pending} channels={channels}>"
 
 
 @atexit.register

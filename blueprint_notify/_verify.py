@@ -20,16 +20,26 @@ class SignatureError(ValueError):
 
 
 def _secrets(secret: str | Iterable[str]) -> list[str]:
-    items = [secret] if isinstance(secret, str) else list(secret)
+    if isinstance(secret, str):
+        items = [secret]
+    elif isinstance(secret, Iterable) and not isinstance(secret, (bytes, bytearray)):
+        items = list(secret)
+    else:
+        items = []
     if not items or not all(isinstance(s, str) and s for s in items):
         raise TypeError("secret must be a non-empty str or a list of them")
     return items
 
 
+def _same(expected: str, offered: str) -> bool:
+    """Constant-time comparison; a non-ASCII offer is simply a mismatch."""
+    return offered.isascii() and hmac.compare_digest(expected.encode("ascii"), offered.encode("ascii"))
+
+
 def _timestamp(value: str | None, name: str, tolerance: float, now: float) -> int:
     if value is None:
         raise SignatureError(f"missing {name} header")
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise SignatureError(f"{name} is not an integer unix timestamp: {value!r}")
     ts = int(value)
     if ts < now - tolerance:
@@ -76,7 +86,7 @@ def verify(
         for s in secrets:
             expected = base64.b64encode(hmac.new(standard_key(s), signed, hashlib.sha256).digest()).decode()
             for sig in offered:
-                ok |= hmac.compare_digest(expected, sig)
+                ok |= _same(expected, sig)
         if not ok:
             raise SignatureError("no webhook-signature matches the secret")
     elif "x-webhook-signature" in h:
@@ -88,7 +98,7 @@ def verify(
         ok = False
         for s in secrets:
             expected = hmac.new(s.encode("utf-8"), signed, hashlib.sha256).hexdigest()
-            ok |= hmac.compare_digest(expected, offered_hex.strip())
+            ok |= _same(expected, offered_hex.strip())
         if not ok:
             raise SignatureError("X-Webhook-Signature does not match the secret")
     else:

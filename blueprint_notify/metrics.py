@@ -49,6 +49,7 @@ def prometheus_text(notifier: JobNotifier, *, prefix: str = "blueprint_notify") 
     for q in ("50", "90", "99"):
         value = stats[f"latency_p{q}_ms"] / 1000.0
         lines.append(f'{metric}{{quantile="0.{q}"}} {value:.6f}')
+    lines.append(f"{metric}_sum {stats['latency_sum_ms'] / 1000.0:.6f}")
     lines.append(f"{metric}_count {int(stats['delivered'])}")
     return "\n".join(lines) + "\n"
 

@@ -440,7 +440,7 @@ static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
     bpn_delivery_stats_get(self->e->delivery, &st);
     Py_ssize_t channels = (Py_ssize_t)bpn_hub_active(&self->e->hub);
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsnsnsnsdsdsd}", "enqueued", st.submitted,
+        "{sKsKsKsKsKsKsKsKsKsKsnsnsnsdsdsdsd}", "enqueued", st.submitted,
         "submitted", st.submitted, "delivered", st.delivered, "retried",
         st.retried, "dead_lettered", st.dead_lettered, "dead_letters_evicted",
         st.evicted, "attempts", st.attempts, "failed_attempts",
@@ -449,7 +449,8 @@ static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
         (Py_ssize_t)bpn_hub_subscribers(&self->e->hub), "latency_p50_ms",
         latency_quantile(&st, 0.50), "latency_p90_ms",
         latency_quantile(&st, 0.90), "latency_p99_ms",
-        latency_quantile(&st, 0.99));
+        latency_quantile(&st, 0.99), "latency_sum_ms",
+        (double)st.latency_sum_us / 1000.0);
 }
 
 /* The attempt log as a list of (at, duration_ms, status, error). */

@@ -758,8 +758,9 @@ static void on_done(bpn_delivery *d, CURLMsg *msg) {
     if (delivered) {
         d->stats.delivered++;
         uint64_t now = bpn_now_us();
-        d->stats.latency[latency_bucket(
-            now > x->submitted_us ? now - x->submitted_us : 0)]++;
+        uint64_t us = now > x->submitted_us ? now - x->submitted_us : 0;
+        d->stats.latency[latency_bucket(us)]++;
+        d->stats.latency_sum_us += us;
     } else {
         d->stats.failed_attempts++;
     }

@@ -89,6 +89,7 @@ typedef struct {
     /* Latency from notify() to a 2xx, microseconds: bucket b counts values
      * in [bpn_latency_lower(b), bpn_latency_lower(b + 1)). */
     uint64_t latency[BPN_LATENCY_BUCKETS];
+    uint64_t latency_sum_us;
 } bpn_delivery_stats;
 
 uint64_t bpn_latency_lower(unsigned bucket);
