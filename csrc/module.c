@@ -805,7 +805,10 @@ static void Waker_dealloc(PyObject *op) {
     WakerObject *self = WAKER_CAST(op);
     PyTypeObject *tp = Py_TYPE(op);
     PyObject_GC_UnTrack(op);
-    bpn_waker_free(self->w); /* every subscriber holding it is gone */
+    /* Every subscriber holding it is gone. In a fork child, see
+     * subscriber_detach. */
+    bpn_engine *e = self->engine ? self->engine->e : NULL;
+    if (e && !bpn_engine_forked(e)) bpn_waker_free(self->w);
     self->w = NULL;
     Waker_clear(op);
     Py_CLEAR(self->engine);
@@ -901,7 +904,10 @@ static PyType_Spec Waker_spec = {
 /* Detaches from the channel; safe to call twice. */
 static void subscriber_detach(SubscriberObject *self) {
     if (self->s) {
-        bpn_sub_free(self->s);
+        /* In a fork child the hub's lock may be held by a thread that no
+         * longer exists: leave the parent's native state alone. */
+        bpn_engine *e = self->waker->engine->e;
+        if (e && !bpn_engine_forked(e)) bpn_sub_free(self->s);
         self->s = NULL;
         self->waker->nsubs--;
     }
