@@ -308,7 +308,8 @@ static void Engine_dealloc(PyObject *op) {
     PyTypeObject *tp = Py_TYPE(op);
     PyObject_GC_UnTrack(op);
     if (self->e && bpn_engine_forked(self->e)) {
-        self->e = NULL; /* the parent's: nothing here is ours to free */
+        bpn_engine_abandon(self->e); /* the parent's: not ours to free */
+        self->e = NULL;
     }
     if (self->e && !self->closed) {
         /* Never closed: dead-letter what is pending and log it, so nothing

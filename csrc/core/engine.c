@@ -36,6 +36,13 @@ int bpn_engine_new(const bpn_engine_config *cfg, bpn_engine **out, char *err,
     return BPN_OK;
 }
 
+static bpn_engine *abandoned;
+
+void bpn_engine_abandon(bpn_engine *e) {
+    e->abandoned_next = abandoned;
+    abandoned = e;
+}
+
 int bpn_engine_forked(const bpn_engine *e) {
     return e->fork_generation != bpn_fork_generation();
 }

@@ -22,7 +22,14 @@ typedef struct {
     bpn_hub hub;
     bpn_delivery *delivery;
     unsigned fork_generation; /* at creation; see bpn_engine_forked */
+    void *abandoned_next;     /* see bpn_engine_abandon */
 } bpn_engine;
+
+/* In a fork child, where a pre-fork engine must not be freed (its locks
+ * may be held by threads that no longer exist, its sockets are shared with
+ * the parent): keeps it reachable, on purpose, for the child's lifetime.
+ * Call with the host's lock (the GIL) held. */
+void bpn_engine_abandon(bpn_engine *e);
 
 /* 1 if this process is a fork() child of the one that created the engine:
  * its delivery thread is gone and its locks may be in any state. */
