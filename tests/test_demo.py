@@ -49,6 +49,7 @@ class Demo:
         last_event_id: int | None = None,
         stop: Callable[[int], bool] | None = None,
         http: httpx.Client | None = None,
+        connected: threading.Event | None = None,
     ) -> list[tuple[int, str, dict[str, Any]]]:
         """(id, event name, data) of the job's stream until the terminal
         event, the end of the stream, or ``stop(id)``."""
@@ -57,6 +58,8 @@ class Demo:
         url = f"{job['events_url']}?token={job['token']}"
         with connect_sse(http or self.http, "GET", url, headers=headers) as source:
             assert source.response.status_code == 200
+            if connected is not None:
+                connected.set()
             for sse in source.iter_sse():
                 if not sse.data:  # httpx-sse yields the "retry:" block too
                     continue
@@ -66,13 +69,20 @@ class Demo:
         return out
 
     def wait_state(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.state()
-            if predicate(state):
-                return state
-            assert time.monotonic() < deadline, f"timed out; last state: {state}"
-            time.sleep(0.05)
+        """Re-reads the state on each push of the demo's own SSE feed (no
+        polling) until predicate holds."""
+        state = self.state()
+        if predicate(state):
+            return state
+        with httpx.Client(base_url=self.url, timeout=timeout, trust_env=False) as http:
+            with connect_sse(http, "GET", "/api/feed") as source:
+                deadline = time.monotonic() + timeout
+                for _ in source.iter_sse():
+                    state = self.state()
+                    if predicate(state):
+                        return state
+                    assert time.monotonic() < deadline, f"timed out; last state: {state}"
+        raise AssertionError(f"feed ended; last state: {state}")
 
 
 @pytest.fixture
@@ -227,16 +237,16 @@ def test_dropped_stream_resumes_with_last_event_id(demo: Demo) -> None:
     # Dropped while a client is connected: that stream ends (no terminal event).
     cut: list[list[int]] = []
 
+    connected = threading.Event()
+
     def hold() -> None:
         with httpx.Client(base_url=demo.url, timeout=10, trust_env=False) as http:
-            cut.append([i for i, _, _ in demo.follow(job, last_event_id=3, http=http)])
+            cut.append([i for i, _, _ in demo.follow(job, last_event_id=3, http=http, connected=connected)])
 
     holder = threading.Thread(target=hold)
     holder.start()
-    deadline = time.monotonic() + 5
-    while demo.app.sse.open_streams == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert connected.wait(5)
+    assert demo.app.sse.open_streams == 1
     assert demo.http.post(f"/api/jobs/{job['job_id']}/drop").json() == {"dropped": 1}
     holder.join(5)
     assert not holder.is_alive() and cut
@@ -303,9 +313,12 @@ def test_shutdown_ends_open_streams_promptly() -> None:
         with httpx.Client(base_url=url, timeout=10, trust_env=False) as http:
             job = http.post("/api/jobs", json={}).json()
 
+            connected = threading.Semaphore(0)
+
             def read(path: str) -> None:
                 try:
                     with httpx.Client(base_url=url, timeout=10, trust_env=False) as own, own.stream("GET", path) as r:
+                        connected.release()  # response headers are in: the stream is open
                         for _ in r.iter_bytes():
                             pass
                 except httpx.HTTPError:
@@ -318,10 +331,9 @@ def test_shutdown_ends_open_streams_promptly() -> None:
             ]
             for t in readers:
                 t.start()
-            deadline = time.monotonic() + 5
-            while app.sse.open_streams == 0 or app.stats()["feeds"] == 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            for _ in readers:
+                assert connected.acquire(timeout=5)
+            assert app.sse.open_streams == 1 and app.stats()["feeds"] == 1
             started = time.monotonic()
             ctx.__exit__(None, None, None)
             took = time.monotonic() - started
