@@ -10,6 +10,7 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -185,7 +186,24 @@ class JobNotifier:
         ]
 
     def clear_dead_letters(self) -> None:
+        """Forgets every dead letter."""
         self._engine.clear_dead_letters()
+
+    def redeliver(self, ids: Iterable[int]) -> int:
+        """Puts the dead letters with these ``FailedDelivery.id`` values back
+        in the queue (at the end of their job's lane, attempts reset, same
+        ``webhook_id`` so receivers can deduplicate). Unknown ids are
+        ignored. Returns how many were requeued. RuntimeError after close()."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError("ids must be an iterable of FailedDelivery.id ints")
+        id_list = list(ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in id_list):
+            raise TypeError("ids must be ints (FailedDelivery.id)")
+        return self._engine.redeliver(id_list)
+
+    def redeliver_all(self) -> int:
+        """Puts every dead letter back in the queue; returns how many."""
+        return self._engine.redeliver(None)
 
     def active_channels(self) -> int:
         """Live (registered or subscribed, non-terminal) job channels.

@@ -507,6 +507,49 @@ exit:
     return list;
 }
 
+/* redeliver(ids: sequence of int | None) -> number requeued */
+static PyObject *Engine_redeliver(PyObject *op, PyObject *arg) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
+    EngineObject *self = ENGINE_CAST(op);
+    uint64_t *ids = NULL;
+    Py_ssize_t n = 0;
+    size_t count = 0;
+    PyObject *seq = NULL, *result = NULL;
+    if (arg != Py_None) {
+        seq = PySequence_Fast(arg, "ids must be a sequence of ints");
+        if (!seq) return NULL;
+        n = PySequence_Fast_GET_SIZE(seq);
+        ids = PyMem_Malloc(sizeof(*ids) * (size_t)(n ? n : 1));
+        if (!ids) {
+            PyErr_NoMemory();
+            goto exit;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+            if (!PyLong_Check(item) || PyBool_Check(item)) {
+                PyErr_SetString(PyExc_TypeError, "ids must be ints");
+                goto exit;
+            }
+            ids[i] = PyLong_AsUnsignedLongLong(item);
+            if (ids[i] == (uint64_t)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                ids[i] = 0; /* negative or huge: matches no dead letter */
+            }
+        }
+    }
+    int rc = bpn_delivery_redeliver(
+        self->e->delivery, arg == Py_None ? NULL : ids, (size_t)n, &count);
+    if (rc != BPN_OK) {
+        raise_core_error(rc, Py_TYPE(op));
+        goto exit;
+    }
+    result = PyLong_FromSize_t(count);
+exit:
+    PyMem_Free(ids);
+    Py_XDECREF(seq);
+    return result;
+}
+
 /* set_keys([(key, std_key, expires_s), ...]): the first is current. */
 static PyObject *Engine_set_keys(PyObject *op, PyObject *arg) {
     REQUIRE_USABLE(ENGINE_CAST(op));
@@ -724,6 +767,8 @@ static PyMethodDef Engine_methods[] = {
     {"stats", Engine_stats, METH_NOARGS, NULL},
     {"dead_letters", Engine_dead_letters, METH_NOARGS, NULL},
     {"clear_dead_letters", Engine_clear_dead_letters, METH_NOARGS, NULL},
+    {"redeliver", Engine_redeliver, METH_O,
+     "redeliver(ids or None) -> number of dead letters requeued"},
     {"set_keys", Engine_set_keys, METH_O,
      "set_keys([(key, std_key, expires_s), ...]); the first is current"},
     {"flush", Engine_flush, METH_O, "flush(timeout) -> bool; releases the GIL"},

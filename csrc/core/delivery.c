@@ -1271,6 +1271,59 @@ void bpn_delivery_clear_dead(bpn_delivery *d) {
     pthread_mutex_unlock(&d->mu);
 }
 
+static int wanted(const uint64_t *ids, size_t nids, uint64_t id) {
+    if (!ids) return 1;
+    for (size_t i = 0; i < nids; i++)
+        if (ids[i] == id) return 1;
+    return 0;
+}
+
+int bpn_delivery_redeliver(bpn_delivery *d, const uint64_t *ids, size_t nids,
+                           size_t *count) {
+    size_t moved = 0, kept = 0;
+    int wake = 0;
+    *count = 0;
+    pthread_mutex_lock(&d->mu);
+    if (d->stop) {
+        pthread_mutex_unlock(&d->mu);
+        return BPN_ECLOSED;
+    }
+    size_t cap = d->cfg.max_dead_letters;
+    for (size_t i = 0; i < d->dead_count; i++) {
+        dlv *x = d->dead[(d->dead_start + i) % cap];
+        if (!wanted(ids, nids, x->id)) {
+            /* Compact the ring in place, oldest first. */
+            d->dead[(d->dead_start + kept++) % cap] = x;
+            continue;
+        }
+        /* A fresh id keeps each lane's ids increasing (flush tickets rely
+         * on it); the webhook-id stays, so receivers can deduplicate. */
+        x->id = ++d->next_id;
+        x->attempts = 0;
+        x->nlog = 0;
+        x->retry_after_ms = 0;
+        x->last_error[0] = '\0';
+        x->submitted_us = bpn_now_us();
+        x->next = NULL;
+        if (d->submit_tail)
+            d->submit_tail->next = x;
+        else
+            d->submit_head = x;
+        d->submit_tail = x;
+        d->stats.pending++;
+        moved++;
+    }
+    d->dead_count = kept;
+    if (moved && !d->wake_posted) {
+        d->wake_posted = 1;
+        wake = 1;
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (wake) curl_multi_wakeup(d->multi);
+    *count = moved;
+    return BPN_OK;
+}
+
 int bpn_delivery_has_logs(bpn_delivery *d) {
     return atomic_load_explicit(&d->has_logs, memory_order_acquire);
 }

@@ -142,6 +142,13 @@ int bpn_delivery_dead_snapshot(bpn_delivery *d, bpn_dead_letter **out,
 void bpn_dead_letters_free(bpn_dead_letter *arr, size_t n);
 void bpn_delivery_clear_dead(bpn_delivery *d);
 
+/* Moves the dead letters with these ids (all of them when ids is NULL)
+ * back into the queue, at the end of their lanes, with their attempt count
+ * and log reset and their webhook-id kept. Sets *count to how many were
+ * requeued. Returns 0 or BPN_ECLOSED. Any thread. */
+int bpn_delivery_redeliver(bpn_delivery *d, const uint64_t *ids, size_t nids,
+                           size_t *count);
+
 /* Log records produced by the thread, for the host to emit. has_logs is a
  * cheap unlocked hint; take_logs moves the records into a new array (*out,
  * *n; free() it) and returns 0 or BPN_ENOMEM (records are kept). */
