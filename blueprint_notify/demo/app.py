@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, quote
 
 from .._events import JobEvent, JobStatus
 from .._notifier import JobNotifier
-from ..asgi import SSEApp, _wait_disconnect, sse_app
+from ..asgi import SSEApp, _headers, _wait_disconnect, sse_app
 
 __all__ = ["DemoApp", "HOOK_PATH"]
 
@@ -466,7 +466,7 @@ class DemoApp:
         (a client that really left makes that last send a no-op)."""
         path: str = scope["path"]
         job_id = path[len(SSE_PREFIX) + 1 : -len("/events")] if path.endswith("/events") else ""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        headers = _headers(scope)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         resumed_from = headers.get("last-event-id")
         via = "Last-Event-ID header"
@@ -530,7 +530,7 @@ class DemoApp:
     async def _hook(self, scope: Scope, receive: Receive, send: Send) -> None:
         _allow(scope["method"], "POST")
         body = await _read_body(receive)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        headers = _headers(scope)
         timestamp = headers.get("x-webhook-timestamp", "")
         signature = headers.get("x-webhook-signature", "")
         verified = verify_webhook(self.secret, timestamp, signature, body)
