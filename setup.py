@@ -1,6 +1,6 @@
 """Builds the C extension; metadata lives in pyproject.toml.
 
-Flags come from pkg-config (libcurl, libcrypto). Environment switches:
+Flags come from pkg-config (libcurl, libcrypto, sqlite3). Environment switches:
   BPN_DEV=1    -Werror (dev and CI builds)
   BPN_DEBUG=1  -O0 -g3 -UNDEBUG
   BPN_ASAN=1   AddressSanitizer + UndefinedBehaviorSanitizer
@@ -17,16 +17,16 @@ from setuptools import Extension, setup
 def pkg_config(*args: str) -> list[str]:
     try:
         out = subprocess.run(
-            ["pkg-config", *args, "libcurl", "libcrypto"],
+            ["pkg-config", *args, "libcurl", "libcrypto", "sqlite3"],
             check=True,
             capture_output=True,
             text=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SystemExit(
-            "blueprint_notify needs libcurl and OpenSSL development files and "
-            "pkg-config (Debian: apt-get install libcurl4-openssl-dev libssl-dev "
-            f"pkg-config): {exc}"
+            "blueprint_notify needs libcurl, OpenSSL and SQLite development files "
+            "and pkg-config (Debian: apt-get install libcurl4-openssl-dev libssl-dev "
+            f"libsqlite3-dev pkg-config): {exc}"
         ) from exc
     return shlex.split(out)
 

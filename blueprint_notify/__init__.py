@@ -6,7 +6,7 @@ by asyncio subscribers.
 """
 
 from ._config import NotifierConfig, __version__
-from ._core import ChannelLimitError
+from ._core import ChannelLimitError, StoreError, StoreLockedError
 from ._events import Attempt, FailedDelivery, JobEvent, JobStatus
 from ._notifier import JobNotifier
 from ._subscription import Subscription, SubscriptionClosed, SubscriptionLagged
@@ -21,6 +21,8 @@ __all__ = [
     "JobStatus",
     "NotifierConfig",
     "SignatureError",
+    "StoreError",
+    "StoreLockedError",
     "Subscription",
     "SubscriptionClosed",
     "SubscriptionLagged",

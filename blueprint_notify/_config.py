@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Union
 
 __all__ = ["NotifierConfig", "standard_key"]
 
@@ -84,6 +85,18 @@ class NotifierConfig:
     signature_scheme: str = "both"
     #: User-Agent header of webhook requests.
     user_agent: str = f"blueprint-notify/{__version__}"
+    #: The durable outbox: a SQLite file (WAL) holding every pending
+    #: delivery and every dead letter, so a crash or a restart loses
+    #: nothing; pending deliveries resume when a notifier opens it again.
+    #: None keeps everything in memory. One notifier per file (locked).
+    store_path: Union[str, "os.PathLike[str]", None] = None
+    #: With a store: "batched" (default) group-commits writes at most 10 ms
+    #: after notify() returned (a crash loses at most that window);
+    #: "sync" makes notify() return only once the delivery is on disk.
+    durability: str = "batched"
+    #: With a store: how long delivered records are kept (seconds; 0
+    #: deletes them as soon as they are delivered).
+    delivered_retention_secs: float = 3600.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.signing_secret, str):
@@ -120,6 +133,21 @@ class NotifierConfig:
             raise TypeError("user_agent must be a str")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in self.user_agent) or "\x00" in self.user_agent:
             raise ValueError("user_agent must not contain control characters")
+        if self.store_path is not None:
+            if not isinstance(self.store_path, (str, os.PathLike)):
+                raise TypeError(
+                    f"store_path must be a str, a path or None, not {type(self.store_path).__name__}"
+                )
+            path = os.fspath(self.store_path)
+            if not isinstance(path, str):
+                raise TypeError("store_path must be a str path, not bytes")
+            if not path or path == ":memory:" or "\x00" in path:
+                raise ValueError(
+                    f"store_path must be a file path (None keeps deliveries in memory), got {path!r}"
+                )
+        if self.durability not in ("batched", "sync"):
+            raise ValueError(f"durability must be 'batched' or 'sync', got {self.durability!r}")
+        _secs_in("delivered_retention_secs", self.delivered_retention_secs, 0, 365 * 86_400)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -6,6 +6,8 @@ JOB_ID_MAX: int
 URL_MAX: int
 
 class ChannelLimitError(RuntimeError): ...
+class StoreError(OSError): ...
+class StoreLockedError(StoreError): ...
 
 class Engine:
     def __new__(
@@ -26,6 +28,11 @@ class Engine:
         user_agent: str = ...,
         log_sink: Callable[[list[tuple[int, str]]], object] | None = ...,
         retention_ms: int = ...,
+        standard_key: bytes | None = ...,
+        schemes: int = ...,
+        store_path: str | bytes | None = ...,
+        store_sync: bool = ...,
+        keep_delivered_ms: int = ...,
     ) -> Engine: ...
     @property
     def closed(self) -> bool: ...

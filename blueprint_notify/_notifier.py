@@ -7,6 +7,7 @@ import atexit
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -77,6 +78,9 @@ class JobNotifier:
             retention_ms=round(config.retention_secs * 1000),
             standard_key=standard_key(config.signing_secret),
             schemes=_SCHEMES[config.signature_scheme],
+            store_path=None if config.store_path is None else os.path.abspath(config.store_path),
+            store_sync=config.durability == "sync",
+            keep_delivered_ms=round(config.delivered_retention_secs * 1000),
         )
         #: Live secrets, current first, with the time each stops being used.
         self._secrets: list[tuple[str, float]] = [(config.signing_secret, 0.0)]
@@ -107,7 +111,9 @@ class JobNotifier:
     # -- events ----------------------------------------------------------------
     def notify(self, job_id: str, event: JobEvent, webhook_url: str | None = None) -> None:
         """Publishes an event to the job's subscribers and, with a URL, queues
-        a signed webhook delivery. Non-blocking; callable from any thread.
+        a signed webhook delivery. Non-blocking (with a store and
+        ``durability="sync"``, it returns once the delivery is on disk,
+        the GIL released meanwhile); callable from any thread.
 
         Raises ValueError (bad job_id, bad URL, URL without a signing
         secret), TypeError (wrong types, result not JSON-serialisable) or
@@ -167,7 +173,9 @@ class JobNotifier:
 
     # -- delivery state ----------------------------------------------------------
     def dead_letters(self) -> list[FailedDelivery]:
-        """Deliveries that failed for good, oldest first."""
+        """Deliveries that failed for good, oldest first (at most
+        ``max_dead_letters``). With a store they live there too, so they
+        survive restarts."""
         return [
             FailedDelivery(
                 job_id=job_id,
@@ -186,7 +194,7 @@ class JobNotifier:
         ]
 
     def clear_dead_letters(self) -> None:
-        """Forgets every dead letter."""
+        """Forgets every dead letter (and deletes them from the store)."""
         self._engine.clear_dead_letters()
 
     def redeliver(self, ids: Iterable[int]) -> int:
@@ -218,9 +226,13 @@ class JobNotifier:
         """Counters and gauges: enqueued (alias submitted), delivered,
         retried, dead_lettered, dead_letters_evicted, attempts,
         failed_attempts, in_flight, pending, channels (alias
-        active_channels), subscribers, and the notify-to-2xx delivery
+        active_channels), subscribers, the notify-to-2xx delivery
         latency percentiles latency_p50_ms / p90 / p99 (histogram, ~19%
-        buckets; 0 before the first delivery)."""
+        buckets; 0 before the first delivery) and, with a store,
+        recovered (pending deliveries read back at start), left_in_store
+        (pending at close, resumed by the next start), store_commits and
+        store_errors (failed writes: logged, delivery went on from
+        memory)."""
         return self._engine.stats()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -282,9 +294,11 @@ class JobNotifier:
     # -- lifetime ----------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
         """Stops accepting events (notify then raises RuntimeError), ends
-        subscriptions, waits up to ``timeout`` (default: close_timeout_secs)
-        for pending deliveries and dead-letters the rest with a last_error
-        that says so. Idempotent."""
+        subscriptions and waits up to ``timeout`` (default:
+        close_timeout_secs) for pending deliveries. Without a store the
+        rest are dead-lettered with a last_error that says so; with one
+        they stay pending in the store (logged) and resume when a notifier
+        opens it again. Idempotent."""
         if timeout is None:
             timeout = self._config.close_timeout_secs
         self._engine.close(timeout)
@@ -318,8 +332,9 @@ class JobNotifier:
         if engine is not None and not engine.closed:
             logger.warning(
                 "JobNotifier garbage-collected without close(): closing now; "
-                "%d pending deliveries are dead-lettered",
+                "%d pending deliveries are %s",
                 engine.pending(),
+                "dead-lettered" if self._config.store_path is None else "left in the store",
             )
             engine.close(0)
 

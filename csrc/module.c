@@ -24,6 +24,8 @@ typedef struct {
     PyTypeObject *waker_type;
     PyTypeObject *subscriber_type;
     PyObject *channel_limit_error;
+    PyObject *store_error;
+    PyObject *store_locked_error;
 } module_state;
 
 static struct PyModuleDef core_module;
@@ -199,7 +201,17 @@ exit:
 
 /* ---- Engine -------------------------------------------------------------- */
 
+/* O& converter: None stays NULL, else a file system path as bytes. */
+static int fs_path_or_none(PyObject *o, void *out) {
+    if (o == Py_None) {
+        *(PyObject **)out = NULL;
+        return 1;
+    }
+    return PyUnicode_FSConverter(o, out);
+}
+
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    EngineObject *self = NULL;
     static char *kwlist[] = {"signing_secret",
                              "max_retries",
                              "retry_base_ms",
@@ -217,6 +229,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                              "retention_ms",
                              "standard_key",
                              "schemes",
+                             "store_path",
+                             "store_sync",
+                             "keep_delivered_ms",
                              NULL};
     const char *secret = "", *user_agent = "blueprint-notify";
     const char *std_key = NULL;
@@ -228,28 +243,31 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                max_body = 65536;
     int allow_private = 0;
     unsigned int max_conns = 64, max_host = 8;
-    PyObject *log_sink = Py_None;
+    PyObject *log_sink = Py_None, *store_path = NULL;
+    int store_sync = 0;
+    unsigned long long keep_delivered = 3600000;
     char err[ERRLEN];
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "|$y#KKKKnnnpIInsOKy#i", kwlist, &secret, &secret_len,
+            args, kw, "|$y#KKKKnnnpIInsOKy#iO&pK", kwlist, &secret, &secret_len,
             &max_retries, &base, &max_delay, &timeout, &capacity, &max_channels,
             &max_dead, &allow_private, &max_conns, &max_host, &max_body,
             &user_agent, &log_sink, &retention, &std_key, &std_key_len,
-            &schemes))
+            &schemes, fs_path_or_none, &store_path, &store_sync,
+            &keep_delivered))
         return NULL;
     if (capacity < 1 || max_channels < 0 || max_dead < 0 || max_body < 0 ||
         max_conns < 1 || max_host < 1 || max_retries > UINT32_MAX ||
         timeout < 1) {
         PyErr_SetString(PyExc_ValueError, "engine option out of range");
-        return NULL;
+        goto error;
     }
     if (log_sink != Py_None && !PyCallable_Check(log_sink)) {
         PyErr_SetString(PyExc_TypeError, "log_sink must be callable or None");
-        return NULL;
+        goto error;
     }
     if (schemes < 1 || schemes > 3) {
         PyErr_SetString(PyExc_ValueError, "schemes out of range");
-        return NULL;
+        goto error;
     }
     bpn_key key = {
         .key = (const uint8_t *)secret,
@@ -274,21 +292,39 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                 .max_connections_per_host = max_host,
                 .max_response_bytes = (size_t)max_body,
                 .user_agent = user_agent,
+                .store_path = store_path ? PyBytes_AS_STRING(store_path) : NULL,
+                .store_sync = store_sync,
+                .keep_delivered_ms = keep_delivered,
             },
         .sse_capacity = (size_t)capacity,
         .max_channels = (size_t)max_channels,
         .retention_ms = retention,
     };
-    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
-    if (!self) return NULL;
-    int rc = bpn_engine_new(&cfg, &self->e, err, sizeof(err));
+    module_state *st = state_of_type(type);
+    if (!st) goto error;
+    self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self) goto error;
+    int rc;
+    /* Opening the store reads it back: no Python needed meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
+        rc = bpn_engine_new(&cfg, &self->e, err, sizeof(err));
+    Py_END_ALLOW_THREADS
     if (rc != BPN_OK) {
-        Py_DECREF(self);
-        if (rc == BPN_ENOMEM) return PyErr_NoMemory();
-        PyErr_Format(PyExc_OSError, "could not start the notifier: %s", err);
-        return NULL;
+        Py_CLEAR(self);
+        if (rc == BPN_ENOMEM)
+            PyErr_NoMemory();
+        else if (rc == BPN_ELOCKED)
+            PyErr_SetString(st->store_locked_error, err);
+        else if (rc == BPN_ESTORE)
+            PyErr_SetString(st->store_error, err);
+        else
+            PyErr_Format(PyExc_OSError, "could not start the notifier: %s",
+                         err);
+        goto error;
     }
     if (log_sink != Py_None) self->log_sink = Py_NewRef(log_sink);
+error:
+    Py_XDECREF(store_path);
     return (PyObject *)self;
 }
 
@@ -370,7 +406,7 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
     const char *id, *url = NULL;
     Py_ssize_t len, url_len = 0;
     char origin[BPN_ORIGIN_MAX], err[ERRLEN];
-    uint64_t seq = 0;
+    uint64_t seq = 0, delivery = 0;
     if (!check_nargs("notify", nargs, 4, 4)) return NULL;
     if (get_job_id(args[0], &id, &len) < 0) return NULL;
     long status = PyLong_AsLong(args[1]);
@@ -392,8 +428,20 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
     }
     int rc = bpn_engine_notify(
         self->e, id, (size_t)len, (int)status, PyBytes_AS_STRING(args[2]),
-        (size_t)PyBytes_GET_SIZE(args[2]), url, (size_t)url_len, origin, &seq);
+        (size_t)PyBytes_GET_SIZE(args[2]), url, (size_t)url_len, origin, &seq,
+        &delivery);
     if (rc != BPN_OK) return raise_core_error(rc, Py_TYPE(op));
+    if (delivery && bpn_delivery_sync_store(self->e->delivery)) {
+        /* Sync durability: return once the delivery is on disk. */
+        int ok = 0;
+        while (!ok) {
+            Py_BEGIN_ALLOW_THREADS
+                ok = bpn_delivery_wait_stored(self->e->delivery, delivery,
+                                              WAIT_SLICE_MS);
+            Py_END_ALLOW_THREADS
+            if (!ok && PyErr_CheckSignals() < 0) return NULL;
+        }
+    }
     pump_logs(self);
     return PyLong_FromUnsignedLongLong(seq);
 }
@@ -441,7 +489,8 @@ static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
     bpn_delivery_stats_get(self->e->delivery, &st);
     Py_ssize_t channels = (Py_ssize_t)bpn_hub_active(&self->e->hub);
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsnsnsnsdsdsdsd}", "enqueued", st.submitted,
+        "{sKsKsKsKsKsKsKsKsKsKsnsnsnsdsdsdsdsKsKsKsK}", "enqueued",
+        st.submitted,
         "submitted", st.submitted, "delivered", st.delivered, "retried",
         st.retried, "dead_lettered", st.dead_lettered, "dead_letters_evicted",
         st.evicted, "attempts", st.attempts, "failed_attempts",
@@ -451,7 +500,9 @@ static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
         latency_quantile(&st, 0.50), "latency_p90_ms",
         latency_quantile(&st, 0.90), "latency_p99_ms",
         latency_quantile(&st, 0.99), "latency_sum_ms",
-        (double)st.latency_sum_us / 1000.0);
+        (double)st.latency_sum_us / 1000.0, "recovered", st.recovered,
+        "left_in_store", st.left_in_store, "store_commits", st.store_commits,
+        "store_errors", st.store_errors);
 }
 
 /* The attempt log as a list of (at, duration_ms, status, error). */
@@ -593,7 +644,8 @@ exit:
 static PyObject *Engine_clear_dead_letters(PyObject *op, PyObject *unused) {
     REQUIRE_USABLE(ENGINE_CAST(op));
     (void)unused;
-    bpn_delivery_clear_dead(ENGINE_CAST(op)->e->delivery);
+    int rc = bpn_delivery_clear_dead(ENGINE_CAST(op)->e->delivery);
+    if (rc != BPN_OK) return raise_core_error(rc, Py_TYPE(op));
     Py_RETURN_NONE;
 }
 
@@ -1219,6 +1271,22 @@ static int core_exec(PyObject *m) {
         PyModule_AddObjectRef(m, "ChannelLimitError", st->channel_limit_error) <
             0)
         return -1;
+    st->store_error = PyErr_NewExceptionWithDoc(
+        "blueprint_notify.StoreError",
+        "The durable store (NotifierConfig.store_path) cannot be used: not "
+        "a blueprint_notify store, corrupt, unreadable or unwritable.",
+        PyExc_OSError, NULL);
+    if (!st->store_error ||
+        PyModule_AddObjectRef(m, "StoreError", st->store_error) < 0)
+        return -1;
+    st->store_locked_error = PyErr_NewExceptionWithDoc(
+        "blueprint_notify.StoreLockedError",
+        "Another notifier (in this or another process) has the store open.",
+        st->store_error, NULL);
+    if (!st->store_locked_error ||
+        PyModule_AddObjectRef(m, "StoreLockedError", st->store_locked_error) <
+            0)
+        return -1;
     if (PyModule_AddIntConstant(m, "JOB_ID_MAX", BPN_JOB_ID_MAX) < 0) return -1;
     if (PyModule_AddIntConstant(m, "URL_MAX", BPN_URL_MAX) < 0) return -1;
     if (PyModule_AddIntConstant(m, "SCHEME_BLUEPRINT", BPN_SCHEME_BLUEPRINT) <
@@ -1235,6 +1303,8 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->waker_type);
     Py_VISIT(st->subscriber_type);
     Py_VISIT(st->channel_limit_error);
+    Py_VISIT(st->store_error);
+    Py_VISIT(st->store_locked_error);
     return 0;
 }
 
@@ -1244,6 +1314,8 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->waker_type);
     Py_CLEAR(st->subscriber_type);
     Py_CLEAR(st->channel_limit_error);
+    Py_CLEAR(st->store_error);
+    Py_CLEAR(st->store_locked_error);
     return 0;
 }
 

@@ -31,6 +31,9 @@ def test_all_defaults() -> None:
         "retention_secs": 300.0,
         "signature_scheme": "both",
         "user_agent": f"blueprint-notify/{blueprint_notify.__version__}",
+        "store_path": None,
+        "durability": "batched",
+        "delivered_retention_secs": 3600.0,
     }
     assert NotifierConfig.field_names()[:5] == [
         "signing_secret",

@@ -5,6 +5,7 @@
 # is missing.
 #
 #   libcurl4-openssl-dev libssl-dev pkg-config   libcurl and OpenSSL flags
+#   libsqlite3-dev                               the durable store (SQLite)
 #   gcc                                          the C compiler
 #   python3-dev python3-venv                     only for the system python3
 #   chromium                                     the browser test (tests/test_browser.py,
@@ -17,10 +18,11 @@ PYTHON=${PYTHON:-python3}
 missing=()
 
 if ! command -v pkg-config >/dev/null 2>&1; then
-    missing+=(pkg-config libcurl4-openssl-dev libssl-dev)
+    missing+=(pkg-config libcurl4-openssl-dev libssl-dev libsqlite3-dev)
 else
     pkg-config --exists libcurl || missing+=(libcurl4-openssl-dev)
     pkg-config --exists libcrypto || missing+=(libssl-dev)
+    pkg-config --exists sqlite3 || missing+=(libsqlite3-dev)
 fi
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 

@@ -101,6 +101,8 @@ const char *bpn_strerror(int err) {
         case BPN_ESYS: return "system call failed";
         case BPN_ECURL: return "libcurl initialisation failed";
         case BPN_EAUTH: return "unknown job or wrong token";
+        case BPN_ESTORE: return "the store cannot be used";
+        case BPN_ELOCKED: return "the store is in use by another notifier";
         default: return "unknown error";
     }
 }

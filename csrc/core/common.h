@@ -15,6 +15,8 @@ typedef enum {
     BPN_ESYS = -5,    /* a system call failed; errno is set */
     BPN_ECURL = -6,   /* libcurl could not be set up */
     BPN_EAUTH = -7,   /* unknown job or wrong token */
+    BPN_ESTORE = -8,  /* the store cannot be used; see the message */
+    BPN_ELOCKED = -9, /* the store is in use by another notifier */
 } bpn_err;
 
 /* Job statuses, in the order of the Python JobStatus enum. */

@@ -17,6 +17,7 @@
 #include "map.h"
 #include "netguard.h"
 #include "sign.h"
+#include "store.h"
 #include "url.h"
 
 #define ERR_MAX  320
@@ -39,6 +40,9 @@ typedef struct dlv {
     const char *origin;
     uint64_t retry_after_ms; /* the receiver's Retry-After, for the next wait */
     uint64_t submitted_us;   /* monotonic, for the latency histogram */
+    uint64_t requeue_from;   /* redelivered: its id as a dead letter */
+    uint64_t resume_at_ms;   /* read back from the store: next attempt due */
+    int stored;              /* its row exists in the store */
     bpn_attempt *log;        /* failed attempts, oldest first */
     uint32_t nlog;
     char msg_id[40];
@@ -127,6 +131,11 @@ struct bpn_delivery {
     uint64_t logs_dropped;
     atomic_int has_logs;
     keyset *keys;
+    dlv *forget;        /* dead letters to delete from the store, then free */
+    uint64_t stored_id; /* every id up to it is written to the store */
+    bpn_store *store;   /* NULL: in memory only; else the thread's alone,
+                           the closer's once it is joined (then closed) */
+    int has_store;      /* immutable: store was set at creation */
 
     /* Owned by the delivery thread alone. */
     pthread_t thread;
@@ -141,6 +150,8 @@ struct bpn_delivery {
     uint64_t done_unpublished;
     uint64_t absorbed_id; /* id of the last delivery taken into a lane */
     uint64_t rng;
+    uint64_t next_prune_ms;
+    uint64_t store_log_ms; /* when a store failure was last logged */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -216,6 +227,9 @@ static void log_locked(bpn_delivery *d, int level, const char *fmt, ...) {
     atomic_store_explicit(&d->has_logs, 1, memory_order_release);
 }
 
+static void free_dead(bpn_delivery *d);
+static void forget_now_locked(bpn_delivery *d);
+
 static void dlv_free(dlv *x) {
     if (!x) return;
     bpn_event_unref(x->ev);
@@ -252,9 +266,57 @@ static keyset *keyset_new(const bpn_key *keys, size_t n) {
     return ks;
 }
 
+/* Drops a dead letter: freed at once, or with a store handed to the thread
+ * (or done here once the thread is gone), which deletes its row first. */
+static void forget_locked(bpn_delivery *d, dlv *x) {
+    if (!d->store) {
+        dlv_free(x);
+        return;
+    }
+    x->next = d->forget;
+    d->forget = x;
+}
+
+/* Logs a failed store write (at most one line a second; all are counted).
+ * Delivery goes on from memory. Delivery thread, d->mu not held. */
+static void store_failed(bpn_delivery *d) {
+    uint64_t now = bpn_now_ms();
+    pthread_mutex_lock(&d->mu);
+    d->stats.store_errors++;
+    if (d->store_log_ms == 0 || now - d->store_log_ms >= 1000) {
+        d->store_log_ms = now;
+        log_locked(d, LOG_ERROR,
+                   "store %s: %s; deliveries go on from memory (%" PRIu64
+                   " failed store writes so far)",
+                   bpn_store_path(d->store), bpn_store_error(d->store),
+                   d->stats.store_errors);
+    }
+    pthread_mutex_unlock(&d->mu);
+}
+
+/* Commits the store's open transaction and publishes what is on disk:
+ * every id absorbed so far (a failed write is logged and counted, and its
+ * waiters released all the same: delivery goes on from memory). */
+static void store_commit(bpn_delivery *d) {
+    int committed = 0;
+    if (!d->store) return;
+    if (bpn_store_dirty(d->store)) {
+        if (bpn_store_commit(d->store, d->absorbed_id) < 0)
+            store_failed(d);
+        else
+            committed = 1;
+    }
+    if (!committed && d->stored_id == d->absorbed_id) return;
+    pthread_mutex_lock(&d->mu);
+    d->stats.store_commits += (uint64_t)committed;
+    d->stored_id = d->absorbed_id;
+    pthread_cond_broadcast(&d->cond);
+    pthread_mutex_unlock(&d->mu);
+}
+
 /* Moves a finished-with-failure delivery to the dead-letter ring. */
 static void dead_letter_locked(bpn_delivery *d, dlv *x) {
-    x->failed_at = bpn_wall_f();
+    if (x->failed_at == 0) x->failed_at = bpn_wall_f();
     x->next = NULL;
     d->stats.dead_lettered++;
     log_locked(d, LOG_ERROR,
@@ -263,17 +325,29 @@ static void dead_letter_locked(bpn_delivery *d, dlv *x) {
                x->attempts, x->job_id, x->url, x->last_error);
     if (d->cfg.max_dead_letters == 0) {
         d->stats.evicted++;
-        dlv_free(x);
+        forget_locked(d, x);
         return;
     }
     if (d->dead_count == d->cfg.max_dead_letters) {
-        dlv_free(d->dead[d->dead_start]);
+        forget_locked(d, d->dead[d->dead_start]);
         d->dead_start = (d->dead_start + 1) % d->cfg.max_dead_letters;
         d->dead_count--;
         d->stats.evicted++;
     }
     d->dead[(d->dead_start + d->dead_count) % d->cfg.max_dead_letters] = x;
     d->dead_count++;
+}
+
+/* Dead-letters x from the delivery thread: its row first (once x is in the
+ * ring another thread may clear it), then the ring. */
+static void dead_letter(bpn_delivery *d, dlv *x) {
+    x->failed_at = bpn_wall_f();
+    if (d->store && bpn_store_dead(d->store, x->id, x->attempts, x->failed_at,
+                                   x->last_error, x->log, x->nlog) < 0)
+        store_failed(d);
+    pthread_mutex_lock(&d->mu);
+    dead_letter_locked(d, x);
+    pthread_mutex_unlock(&d->mu);
 }
 
 /* ---- lanes, hosts and the retry heap (delivery thread) ------------------ */
@@ -361,6 +435,17 @@ static lane *heap_pop(bpn_delivery *d) {
     return top;
 }
 
+/* Queues the lane's head: now, or at the due time it was stored with. */
+static void lane_kick(bpn_delivery *d, lane *l) {
+    uint64_t due = l->head->resume_at_ms;
+    l->head->resume_at_ms = 0;
+    if (due > bpn_now_ms()) {
+        l->due_ms = due;
+        if (heap_push(d, l) == 0) return;
+    }
+    ready_push(d, l);
+}
+
 static host *host_get(bpn_delivery *d, const char *origin) {
     size_t len = strlen(origin);
     bpn_map_node *n = bpn_map_get(&d->hosts, origin, len);
@@ -416,7 +501,7 @@ static int lane_append(bpn_delivery *d, dlv *x) {
     l->node.klen = klen;
     bpn_map_insert(&d->lanes, &l->node);
     l->head = l->tail = x;
-    ready_push(d, l);
+    lane_kick(d, l);
     return 0;
 }
 
@@ -622,14 +707,14 @@ static void lane_finish(bpn_delivery *d, lane *l, int delivered) {
     if (!l->head) l->tail = NULL;
     d->done_unpublished++;
     if (delivered) {
+        if (d->store && bpn_store_delivered(d->store, x->id) < 0)
+            store_failed(d);
         dlv_free(x);
     } else {
-        pthread_mutex_lock(&d->mu);
-        dead_letter_locked(d, x);
-        pthread_mutex_unlock(&d->mu);
+        dead_letter(d, x);
     }
     if (l->head)
-        ready_push(d, l);
+        lane_kick(d, l);
     else
         lane_free(d, l);
 }
@@ -658,6 +743,11 @@ static void attempt_failed(bpn_delivery *d, lane *l, int final) {
                x->attempts, delay, x->job_id, x->url, x->last_error);
     pthread_mutex_unlock(&d->mu);
     l->due_ms = bpn_now_ms() + delay;
+    if (d->store &&
+        bpn_store_retry(d->store, x->id, x->attempts,
+                        (int64_t)(bpn_wall_f() * 1000.0) + (int64_t)delay,
+                        x->last_error, x->log, x->nlog) < 0)
+        store_failed(d);
     if (heap_push(d, l) < 0)
         ready_push(d, l); /* retry now rather than lose it */
 }
@@ -811,14 +901,54 @@ static uint64_t compute_low_water(bpn_delivery *d) {
     return low;
 }
 
+/* Deletes the rows of forgotten dead letters and frees them. */
+static void forget_rows(bpn_delivery *d, dlv *x) {
+    while (x) {
+        dlv *next = x->next;
+        if (d->store && bpn_store_delete(d->store, x->id) < 0) store_failed(d);
+        dlv_free(x);
+        x = next;
+    }
+}
+
+/* Writes a newly absorbed delivery to the store (a redelivered dead letter
+ * takes its new id; one read back from the store is there already). */
+static void store_absorb(bpn_delivery *d, dlv *x) {
+    int rc = 0;
+    if (x->requeue_from)
+        rc = bpn_store_requeue(d->store, x->requeue_from, x->id);
+    else if (!x->stored)
+        rc = bpn_store_insert(d->store, x->id, x->msg_id, x->job_id, x->job_len,
+                              x->url, x->url_len, x->origin, x->ev->payload,
+                              x->ev->payload_len);
+    x->requeue_from = 0;
+    x->stored = 1;
+    if (rc < 0) store_failed(d);
+}
+
+/* Batched durability: commits once the open transaction is
+ * BPN_COMMIT_INTERVAL_MS old; prunes delivered rows once a second. */
+static void store_tick(bpn_delivery *d) {
+    uint64_t now = bpn_now_ms();
+    if (bpn_store_dirty(d->store) &&
+        now - bpn_store_dirty_since(d->store) >= BPN_COMMIT_INTERVAL_MS)
+        store_commit(d);
+    if (now >= d->next_prune_ms && d->cfg.keep_delivered_ms) {
+        d->next_prune_ms = now + 1000;
+        if (bpn_store_prune(d->store, 10000) < 0) store_failed(d);
+    }
+}
+
 /* Takes submissions into lanes and publishes progress: the pending count
  * (waking flush() and drain waiters at zero) and, while someone waits on a
  * ticket, the low-water id. Returns 1 when asked to stop. */
 static int sync_with_callers(bpn_delivery *d) {
     int signal = 0, stop, watched;
     pthread_mutex_lock(&d->mu);
-    dlv *x = d->submit_head;
+    dlv *x = d->submit_head, *gone = d->forget;
+    int absorbing = x != NULL;
     d->submit_head = d->submit_tail = NULL;
+    d->forget = NULL;
     d->wake_posted = 0;
     stop = d->stop;
     d->stats.in_flight = d->inflight;
@@ -829,19 +959,21 @@ static int sync_with_callers(bpn_delivery *d) {
     }
     watched = d->waiters > 0;
     pthread_mutex_unlock(&d->mu);
+    forget_rows(d, gone);
     while (x) {
         dlv *next = x->next;
         x->next = NULL;
         d->absorbed_id = x->id;
+        if (d->store) store_absorb(d, x);
         if (lane_append(d, x) < 0) {
             snprintf(x->last_error, ERR_MAX, "out of memory queueing delivery");
-            pthread_mutex_lock(&d->mu);
-            dead_letter_locked(d, x);
-            pthread_mutex_unlock(&d->mu);
+            dead_letter(d, x);
             d->done_unpublished++;
         }
         x = next;
     }
+    /* Sync durability: the submitters wait for this commit. */
+    if (absorbing && d->cfg.store_sync) store_commit(d);
     if (watched) {
         uint64_t low = compute_low_water(d);
         pthread_mutex_lock(&d->mu);
@@ -870,6 +1002,16 @@ static void abandon_lane(bpn_map_node *node, void *arg) {
         transfer_detach(d, l->xfer);
     }
     for (dlv *x = l->head; x; x = l->head) {
+        if (d->store) {
+            /* Its row stays pending: the next start resumes it. */
+            l->head = x->next;
+            d->done_unpublished++;
+            dlv_free(x);
+            pthread_mutex_lock(&d->mu);
+            d->stats.left_in_store++;
+            pthread_mutex_unlock(&d->mu);
+            continue;
+        }
         char last[ERR_MAX];
         memcpy(last, x->last_error, sizeof(last));
         snprintf(x->last_error, ERR_MAX,
@@ -906,6 +1048,7 @@ static void *run(void *arg) {
         int left;
         while ((msg = curl_multi_info_read(d->multi, &left)))
             if (msg->msg == CURLMSG_DONE) on_done(d, msg);
+        if (d->store) store_tick(d);
         /* Publish finished work and start the next at once. Ready lanes
          * left over wait for a slot: a finished transfer frees one. */
         if (d->done_unpublished ||
@@ -918,6 +1061,14 @@ static void *run(void *arg) {
                       : due - now < 1000 ? (int)(due - now)
                                          : 1000;
         }
+        if (d->store && bpn_store_dirty(d->store)) {
+            /* Wake up for the commit. */
+            uint64_t at =
+                bpn_store_dirty_since(d->store) + BPN_COMMIT_INTERVAL_MS;
+            uint64_t now = bpn_now_ms();
+            int until = at <= now ? 0 : (int)(at - now);
+            if (until < timeout) timeout = until;
+        }
         curl_multi_poll(d->multi, NULL, 0, timeout, NULL);
     }
     /* Stop: everything still queued becomes a dead letter. The last sync
@@ -929,10 +1080,119 @@ static void *run(void *arg) {
     bpn_map_each(&d->lanes, abandon_lane, d);
     d->ready_head = d->ready_tail = NULL;
     sync_with_callers(d);
+    if (d->store) {
+        store_commit(d);
+        pthread_mutex_lock(&d->mu);
+        if (d->stats.left_in_store)
+            log_locked(d, LOG_WARNING,
+                       "%" PRIu64
+                       " webhook deliveries left pending in the store %s; "
+                       "they resume when a notifier opens it",
+                       d->stats.left_in_store, bpn_store_path(d->store));
+        pthread_mutex_unlock(&d->mu);
+    }
     return NULL;
 }
 
 /* ---- public API --------------------------------------------------------- */
+
+/* A delivery with its strings copied in and everything else zero. */
+static dlv *dlv_new(const char *job_id, size_t job_len, const char *url,
+                    size_t url_len, const char *origin) {
+    size_t olen = strlen(origin);
+    dlv *x = calloc(1, sizeof(*x) + job_len + 1 + url_len + 1 + olen + 1);
+    if (!x) return NULL;
+    char *p = x->strs;
+    memcpy(p, job_id, job_len);
+    p[job_len] = '\0';
+    x->job_id = p;
+    p += job_len + 1;
+    memcpy(p, url, url_len);
+    p[url_len] = '\0';
+    x->url = p;
+    p += url_len + 1;
+    memcpy(p, origin, olen + 1);
+    x->origin = p;
+    x->job_len = job_len;
+    x->url_len = url_len;
+    return x;
+}
+
+/* Appends x to the submissions. Called with d->mu held. */
+static void submit_locked(bpn_delivery *d, dlv *x) {
+    x->next = NULL;
+    if (d->submit_tail)
+        d->submit_tail->next = x;
+    else
+        d->submit_head = x;
+    d->submit_tail = x;
+    d->stats.pending++;
+}
+
+/* bpn_store_load's callback, before the thread starts: pending rows become
+ * submissions (their lanes resume in id order, at their due times), dead
+ * ones the dead-letter ring (oldest first; beyond the cap, the oldest go). */
+static int recover_row(void *arg, const bpn_stored *r) {
+    bpn_delivery *d = arg;
+    dlv *x = dlv_new(r->job_id, r->job_len, r->url, strlen(r->url), r->origin);
+    if (!x) return BPN_ENOMEM;
+    x->ev = bpn_event_from_payload(r->payload, r->payload_len);
+    if (r->nlog) x->log = calloc(BPN_ATTEMPT_LOG_MAX, sizeof(*x->log));
+    if (!x->ev || (r->nlog && !x->log)) {
+        dlv_free(x);
+        return BPN_ENOMEM;
+    }
+    if (r->nlog) memcpy(x->log, r->log, r->nlog * sizeof(*x->log));
+    x->nlog = r->nlog;
+    x->id = r->id;
+    x->stored = 1;
+    x->attempts = r->attempts;
+    x->submitted_us = bpn_now_us();
+    snprintf(x->msg_id, sizeof(x->msg_id), "%s", r->msg_id);
+    snprintf(x->last_error, ERR_MAX, "%s", r->last_error);
+    if (r->state == BPN_ROW_DEAD) {
+        x->failed_at = r->done_at;
+        size_t cap = d->cfg.max_dead_letters;
+        dlv *victim = x;
+        if (cap && d->dead_count == cap) {
+            victim = d->dead[d->dead_start];
+            d->dead_start = (d->dead_start + 1) % cap;
+            d->dead_count--;
+        }
+        if (cap) {
+            d->dead[(d->dead_start + d->dead_count) % cap] = x;
+            d->dead_count++;
+        }
+        if (victim == x && cap) return BPN_OK;
+        d->stats.evicted++;
+        if (bpn_store_delete(d->store, victim->id) < 0) d->stats.store_errors++;
+        dlv_free(victim);
+        return BPN_OK;
+    }
+    int64_t now = (int64_t)(bpn_wall_f() * 1000.0);
+    if (r->due_ms > now)
+        x->resume_at_ms = bpn_now_ms() + (uint64_t)(r->due_ms - now);
+    submit_locked(d, x);
+    d->stats.recovered++;
+    return BPN_OK;
+}
+
+/* Opens the store and reads it back. Returns 0 or an error (message set). */
+static int open_store(bpn_delivery *d, const bpn_delivery_config *cfg,
+                      char *err, size_t errlen) {
+    int rc = bpn_store_open(cfg->store_path, cfg->keep_delivered_ms, &d->store,
+                            err, errlen);
+    if (rc != BPN_OK) return rc;
+    memcpy(d->id_prefix, bpn_store_prefix(d->store), sizeof(d->id_prefix));
+    d->next_id = bpn_store_last_id(d->store);
+    rc = bpn_store_load(d->store, recover_row, d, err, errlen);
+    if (rc == BPN_OK && bpn_store_commit(d->store, d->next_id) < 0) {
+        snprintf(err, errlen, "store_path %s: %s", cfg->store_path,
+                 bpn_store_error(d->store));
+        rc = BPN_ESTORE;
+    }
+    return rc;
+}
 
 int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
                      void *arg, bpn_delivery **out, char *err, size_t errlen) {
@@ -968,7 +1228,15 @@ int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
         d->id_prefix[16] = '\0';
     }
     d->low_water = 1; /* ids start at 1 */
+    d->cfg.store_path = NULL;
     if (bpn_map_init(&d->lanes) < 0 || bpn_map_init(&d->hosts) < 0) goto error;
+    if (cfg->store_path) {
+        rc = open_store(d, cfg, err, errlen);
+        if (rc != BPN_OK) goto error_store;
+        d->low_water = d->submit_head ? d->submit_head->id : d->next_id + 1;
+        d->has_store = 1;
+        rc = BPN_ENOMEM;
+    }
     if (pthread_mutex_init(&d->mu, NULL) != 0) goto error;
     if (pthread_cond_init(&d->cond, NULL) != 0) {
         pthread_mutex_destroy(&d->mu);
@@ -1015,7 +1283,10 @@ error_sync:
     pthread_mutex_destroy(&d->mu);
 error:
     if (rc == BPN_ENOMEM) snprintf(err, errlen, "out of memory");
+error_store:
     if (d) {
+        free_dead(d);
+        bpn_store_close(d->store);
         bpn_map_fini(&d->lanes);
         bpn_map_fini(&d->hosts);
         free(d->dead);
@@ -1027,30 +1298,9 @@ error:
 
 int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
                         const char *url, size_t url_len, const char *origin,
-                        bpn_event *ev) {
-    size_t olen = strlen(origin);
-    dlv *x = malloc(sizeof(*x) + job_len + 1 + url_len + 1 + olen + 1);
+                        bpn_event *ev, uint64_t *id) {
+    dlv *x = dlv_new(job_id, job_len, url, url_len, origin);
     if (!x) return BPN_ENOMEM;
-    char *p = x->strs;
-    memcpy(p, job_id, job_len);
-    p[job_len] = '\0';
-    x->job_id = p;
-    p += job_len + 1;
-    memcpy(p, url, url_len);
-    p[url_len] = '\0';
-    x->url = p;
-    p += url_len + 1;
-    memcpy(p, origin, olen + 1);
-    x->origin = p;
-    x->job_len = job_len;
-    x->url_len = url_len;
-    x->next = NULL;
-    x->attempts = 0;
-    x->failed_at = 0;
-    x->retry_after_ms = 0;
-    x->log = NULL;
-    x->nlog = 0;
-    x->last_error[0] = '\0';
     int wake = 0;
     pthread_mutex_lock(&d->mu);
     if (d->stop) {
@@ -1063,20 +1313,45 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
     x->submitted_us = bpn_now_us();
     snprintf(x->msg_id, sizeof(x->msg_id), "msg_%s%016llx", d->id_prefix,
              (unsigned long long)x->id);
-    if (d->submit_tail)
-        d->submit_tail->next = x;
-    else
-        d->submit_head = x;
-    d->submit_tail = x;
+    submit_locked(d, x);
     d->stats.submitted++;
-    d->stats.pending++;
     if (!d->wake_posted) {
         d->wake_posted = 1;
         wake = 1;
     }
     pthread_mutex_unlock(&d->mu);
     if (wake) curl_multi_wakeup(d->multi);
+    if (id) *id = x->id;
     return BPN_OK;
+}
+
+int bpn_delivery_sync_store(const bpn_delivery *d) {
+    return d->has_store && d->cfg.store_sync;
+}
+
+int bpn_delivery_wait_stored(bpn_delivery *d, uint64_t id, int64_t timeout_ms) {
+    struct timespec deadline;
+    if (!d->has_store) return 1;
+    if (timeout_ms >= 0) {
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    pthread_mutex_lock(&d->mu);
+    while (d->stored_id < id && !d->joined) {
+        if (timeout_ms < 0)
+            pthread_cond_wait(&d->cond, &d->mu);
+        else if (pthread_cond_timedwait(&d->cond, &d->mu, &deadline) ==
+                 ETIMEDOUT)
+            break;
+    }
+    int done = d->stored_id >= id || d->joined;
+    pthread_mutex_unlock(&d->mu);
+    return done;
 }
 
 static int ticket_done_locked(bpn_delivery *d, uint64_t ticket) {
@@ -1164,6 +1439,13 @@ void bpn_delivery_close(bpn_delivery *d, int64_t timeout_ms) {
     pthread_join(d->thread, NULL);
     pthread_mutex_lock(&d->mu);
     d->joined = 1;
+    if (d->store) {
+        forget_now_locked(d); /* cleared while it was stopping */
+        /* Release the file (and its lock): a new notifier may open it. */
+        bpn_store_close(d->store);
+        d->store = NULL;
+    }
+    pthread_cond_broadcast(&d->cond);
     pthread_mutex_unlock(&d->mu);
 }
 
@@ -1179,7 +1461,8 @@ void bpn_delivery_free(bpn_delivery *d) {
     curl_multi_cleanup(d->multi);
     keyset_unref(d->keys);
     curl_global_cleanup();
-    bpn_delivery_clear_dead(d);
+    free_dead(d);
+    bpn_store_close(d->store);
     bpn_map_fini(&d->lanes);
     bpn_map_fini(&d->hosts);
     free(d->heap);
@@ -1263,12 +1546,52 @@ exit:
     return rc;
 }
 
-void bpn_delivery_clear_dead(bpn_delivery *d) {
-    pthread_mutex_lock(&d->mu);
+/* Frees the dead letters, the forget list and unabsorbed submissions
+ * (their rows stay in the store). Only once the thread is gone. */
+static void free_dead(bpn_delivery *d) {
     for (size_t i = 0; i < d->dead_count; i++)
         dlv_free(d->dead[(d->dead_start + i) % d->cfg.max_dead_letters]);
     d->dead_start = d->dead_count = 0;
+    for (dlv *x = d->forget, *next; x; x = next) {
+        next = x->next;
+        dlv_free(x);
+    }
+    for (dlv *x = d->submit_head, *next; x; x = next) {
+        next = x->next;
+        dlv_free(x);
+    }
+    d->forget = d->submit_head = d->submit_tail = NULL;
+}
+
+/* Once the thread is gone the store is the caller's: deletes the rows of
+ * forgotten dead letters and commits. Called with d->mu held. */
+static void forget_now_locked(bpn_delivery *d) {
+    dlv *gone = d->forget;
+    d->forget = NULL;
+    for (dlv *x = gone, *next; x; x = next) {
+        next = x->next;
+        if (bpn_store_delete(d->store, x->id) < 0) d->stats.store_errors++;
+        dlv_free(x);
+    }
+    if (bpn_store_commit(d->store, d->next_id) < 0) d->stats.store_errors++;
+}
+
+int bpn_delivery_clear_dead(bpn_delivery *d) {
+    pthread_mutex_lock(&d->mu);
+    if (d->has_store && d->joined) {
+        /* The store is closed: its dead letters cannot be deleted now. */
+        pthread_mutex_unlock(&d->mu);
+        return BPN_ECLOSED;
+    }
+    for (size_t i = 0; i < d->dead_count; i++)
+        forget_locked(d,
+                      d->dead[(d->dead_start + i) % d->cfg.max_dead_letters]);
+    d->dead_start = d->dead_count = 0;
+    int wake = d->store != NULL;
     pthread_mutex_unlock(&d->mu);
+    /* The thread deletes the rows on its next round. */
+    if (wake) curl_multi_wakeup(d->multi);
+    return BPN_OK;
 }
 
 static int wanted(const uint64_t *ids, size_t nids, uint64_t id) {
@@ -1298,19 +1621,15 @@ int bpn_delivery_redeliver(bpn_delivery *d, const uint64_t *ids, size_t nids,
         }
         /* A fresh id keeps each lane's ids increasing (flush tickets rely
          * on it); the webhook-id stays, so receivers can deduplicate. */
+        x->requeue_from = x->id;
         x->id = ++d->next_id;
         x->attempts = 0;
         x->nlog = 0;
         x->retry_after_ms = 0;
+        x->failed_at = 0;
         x->last_error[0] = '\0';
         x->submitted_us = bpn_now_us();
-        x->next = NULL;
-        if (d->submit_tail)
-            d->submit_tail->next = x;
-        else
-            d->submit_head = x;
-        d->submit_tail = x;
-        d->stats.pending++;
+        submit_locked(d, x);
         moved++;
     }
     d->dead_count = kept;

@@ -50,7 +50,18 @@ typedef struct {
     unsigned max_connections_per_host;
     size_t max_response_bytes;
     const char *user_agent;
+    /* The durable outbox (store.h), or NULL to keep everything in memory.
+     * store_sync: commit each batch of submissions at once (callers wait
+     * with bpn_delivery_wait_stored); else commit at most
+     * BPN_COMMIT_INTERVAL_MS after the first write. Delivered rows are kept
+     * keep_delivered_ms (0: deleted at once). */
+    const char *store_path;
+    int store_sync;
+    uint64_t keep_delivered_ms;
 } bpn_delivery_config;
+
+/* Longest time a write waits in an open transaction (batched durability). */
+#define BPN_COMMIT_INTERVAL_MS 10
 
 typedef struct bpn_delivery bpn_delivery;
 
@@ -90,6 +101,11 @@ typedef struct {
      * in [bpn_latency_lower(b), bpn_latency_lower(b + 1)). */
     uint64_t latency[BPN_LATENCY_BUCKETS];
     uint64_t latency_sum_us;
+    /* The store (all 0 without one). */
+    uint64_t recovered;     /* pending deliveries loaded at start */
+    uint64_t left_in_store; /* pending at close, resumed by the next start */
+    uint64_t store_commits;
+    uint64_t store_errors; /* failed writes (logged); delivery went on */
 } bpn_delivery_stats;
 
 uint64_t bpn_latency_lower(unsigned bucket);
@@ -105,11 +121,20 @@ int bpn_delivery_new(const bpn_delivery_config *cfg, void (*on_drained)(void *),
 void bpn_delivery_free(bpn_delivery *d);
 
 /* Queues a delivery of ev's payload. origin comes from bpn_url_check. Takes
- * a reference to ev. Any thread; never blocks beyond d->mu. Returns 0,
- * BPN_ECLOSED or BPN_ENOMEM. */
+ * a reference to ev. Sets *id (when not NULL) to the delivery's id. Any
+ * thread; never blocks beyond d->mu. Returns 0, BPN_ECLOSED or BPN_ENOMEM. */
 int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
                         const char *url, size_t url_len, const char *origin,
-                        bpn_event *ev);
+                        bpn_event *ev, uint64_t *id);
+
+/* 1 if the engine has a store in sync durability mode. */
+int bpn_delivery_sync_store(const bpn_delivery *d);
+
+/* Waits until the delivery with this id has been written to the store
+ * (committed, or the write failed and was logged) or timeout_ms passes.
+ * Returns 1 if so. Without a store: 1 at once. Blocks: call without the
+ * GIL. */
+int bpn_delivery_wait_stored(bpn_delivery *d, uint64_t id, int64_t timeout_ms);
 
 /* Replaces the signing keys (rotation). Returns 0 or BPN_ENOMEM. */
 int bpn_delivery_set_keys(bpn_delivery *d, const bpn_key *keys, size_t n);
@@ -129,8 +154,9 @@ int bpn_delivery_wait(bpn_delivery *d, uint64_t ticket, int64_t timeout_ms);
 /* bpn_delivery_wait on a ticket taken now. */
 int bpn_delivery_flush(bpn_delivery *d, int64_t timeout_ms);
 
-/* Waits up to timeout_ms for pending deliveries, then stops the thread and
- * dead-letters whatever is left. Blocks: call without the GIL. Idempotent. */
+/* Waits up to timeout_ms for pending deliveries, then stops the thread.
+ * What is left is dead-lettered or, with a store, left pending there for
+ * the next start. Blocks: call without the GIL. Idempotent. */
 void bpn_delivery_close(bpn_delivery *d, int64_t timeout_ms);
 
 void bpn_delivery_stats_get(bpn_delivery *d, bpn_delivery_stats *out);
@@ -140,7 +166,9 @@ void bpn_delivery_stats_get(bpn_delivery *d, bpn_delivery_stats *out);
 int bpn_delivery_dead_snapshot(bpn_delivery *d, bpn_dead_letter **out,
                                size_t *n);
 void bpn_dead_letters_free(bpn_dead_letter *arr, size_t n);
-void bpn_delivery_clear_dead(bpn_delivery *d);
+/* Forgets every dead letter (and deletes them from the store). Returns 0,
+ * or BPN_ECLOSED when the engine had a store and is closed. */
+int bpn_delivery_clear_dead(bpn_delivery *d);
 
 /* Moves the dead letters with these ids (all of them when ids is NULL)
  * back into the queue, at the end of their lanes, with their attempt count

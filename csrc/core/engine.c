@@ -76,8 +76,10 @@ int bpn_job_id_check(const char *id, size_t len, char *err, size_t errlen) {
 
 int bpn_engine_notify(bpn_engine *e, const char *id, size_t len, int status,
                       const char *json, size_t json_len, const char *url,
-                      size_t url_len, const char *origin, uint64_t *seq) {
+                      size_t url_len, const char *origin, uint64_t *seq,
+                      uint64_t *delivery) {
     int rc = BPN_OK;
+    *delivery = 0;
     bpn_event *ev = bpn_event_new(status, json, json_len, id, len, url != NULL);
     if (!ev) return BPN_ENOMEM;
     bpn_hub_lock(&e->hub);
@@ -90,8 +92,8 @@ int bpn_engine_notify(bpn_engine *e, const char *id, size_t len, int status,
     bpn_hub_publish_locked(&e->hub, id, len, ev);
     *seq = ev->seq;
     if (url)
-        rc =
-            bpn_delivery_submit(e->delivery, id, len, url, url_len, origin, ev);
+        rc = bpn_delivery_submit(e->delivery, id, len, url, url_len, origin,
+                                 ev, delivery);
 exit:
     bpn_hub_unlock(&e->hub);
     bpn_event_unref(ev);

@@ -49,11 +49,14 @@ int bpn_job_id_check(const char *id, size_t len, char *err, size_t errlen);
 
 /* Publishes an event to the job's channel and, when url is not NULL,
  * queues its webhook delivery (origin from bpn_url_check). Sets *seq to the
- * event's sequence number (0 when the job has no channel). Returns 0,
- * BPN_ECLOSED or BPN_ENOMEM. Any thread; never blocks beyond the locks. */
+ * event's sequence number (0 when the job has no channel) and *delivery to
+ * the delivery's id (0 without url). Returns 0, BPN_ECLOSED or BPN_ENOMEM.
+ * Any thread; never blocks beyond the locks (with a store in sync mode the
+ * caller then waits with bpn_delivery_wait_stored). */
 int bpn_engine_notify(bpn_engine *e, const char *id, size_t len, int status,
                       const char *json, size_t json_len, const char *url,
-                      size_t url_len, const char *origin, uint64_t *seq);
+                      size_t url_len, const char *origin, uint64_t *seq,
+                      uint64_t *delivery);
 
 /* Refuses new events, ends subscriptions, waits up to timeout_ms for
  * pending deliveries and dead-letters the rest. Blocks; idempotent. */

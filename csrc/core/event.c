@@ -72,6 +72,24 @@ bpn_event *bpn_event_new(int status, const char *json, size_t json_len,
     return ev;
 }
 
+bpn_event *bpn_event_from_payload(const char *payload, size_t len) {
+    bpn_event *ev = malloc(sizeof(*ev) + 1 + len + 1);
+    if (!ev) return NULL;
+    atomic_init(&ev->refs, 1);
+    ev->status = 0;
+    ev->seq = 0;
+    ev->data[0] = '\0';
+    ev->json = ev->data;
+    ev->json_len = 0;
+    memcpy(ev->data + 1, payload, len);
+    ev->data[1 + len] = '\0';
+    ev->payload = ev->data + 1;
+    ev->payload_len = len;
+    ev->frame = NULL;
+    ev->frame_len = 0;
+    return ev;
+}
+
 void bpn_event_set_seq(bpn_event *ev, uint64_t seq) {
     /* The JSON is compact (no raw newlines), so one data: line carries it. */
     int n = snprintf(ev->frame, FRAME_OVERHEAD,

@@ -29,6 +29,9 @@ typedef struct bpn_event {
  * no control characters (validated by the caller). */
 bpn_event *bpn_event_new(int status, const char *json, size_t json_len,
                          const char *job_id, size_t job_len, int with_payload);
+/* An event that only carries a webhook payload (a delivery read back from
+ * the store). Returns it with one reference, or NULL. */
+bpn_event *bpn_event_from_payload(const char *payload, size_t len);
 /* Assigns the sequence number and renders the SSE frame into the space
  * reserved for it. Called once, by the channel, before anyone else sees ev. */
 void bpn_event_set_seq(bpn_event *ev, uint64_t seq);
