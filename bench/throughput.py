@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import hmac
@@ -330,18 +331,24 @@ def _measure(probe: CpuProbe, events: int, body: Callable[[], dict[str, float]])
 # ---- senders ------------------------------------------------------------------
 
 
-def bpn_notifier() -> JobNotifier:
+def bpn_notifier(store_path: str | None = None, durability: str = "batched") -> JobNotifier:
     return JobNotifier(
         signing_secret=SECRET,
         max_connections=CONCURRENCY,
         max_connections_per_host=CONCURRENCY,
         allow_private_networks=True,
+        store_path=store_path,
+        durability=durability,
     )
 
 
-def run_bpn(url: str, workload: Workload, probe: CpuProbe) -> Run:
+def run_bpn(url: str, workload: Workload, probe: CpuProbe, durability: str | None = None, tmp: str = "") -> Run:
+    """durability None: in memory; "batched"/"sync": with a fresh store file
+    in tmp (delivered rows kept, the default: each delivery is an INSERT and
+    an UPDATE)."""
     before = self_tids()
-    with bpn_notifier() as notifier:
+    store = os.path.join(tmp, "bench-outbox.db") if durability else None
+    with bpn_notifier(store, durability or "batched") as notifier:
         engine_tids = self_tids() - before  # the delivery thread
         main_tid = threading.get_native_id()
         holder: dict[str, Any] = {}
@@ -363,6 +370,13 @@ def run_bpn(url: str, workload: Workload, probe: CpuProbe) -> Run:
         run = _measure(probe, len(workload), body)
         stats = notifier.stats()
         dead = notifier.dead_letters()
+    if store:
+        for suffix in ("", "-wal", "-shm", "-lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(store + suffix)
+        if stats["store_errors"]:
+            raise RuntimeError(f"store errors: {stats}")
+        run.extra["commits"] = stats["store_commits"]
     if stats["delivered"] != len(workload) or stats["dead_lettered"] or dead:
         raise RuntimeError(f"blueprint_notify did not deliver everything: {stats}")
     if stats["failed_attempts"]:
@@ -597,15 +611,20 @@ def main() -> int:
     ap.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1; or auto)")
     ap.add_argument(
         "--only",
-        default="bpn,aiohttp,aiohttp-uvloop,httpx,wrk",
-        help="comma-separated subset of bpn,aiohttp,aiohttp-uvloop,httpx,wrk",
+        default="bpn,bpn-batched,bpn-sync,aiohttp,aiohttp-uvloop,httpx,wrk",
+        help="comma-separated subset of bpn,bpn-batched,bpn-sync,aiohttp,aiohttp-uvloop,httpx,wrk",
+    )
+    ap.add_argument(
+        "--sync-events",
+        type=int,
+        help="cap on the sync-durability case's events, one fsync per notify() (default 5,000)",
     )
     args = ap.parse_args()
     n = 5_000 if args.quick else args.events
     if n < 1 or args.jobs < 1 or args.reps < 1:
         ap.error("--events, --jobs and --reps must be positive")
     only = set(args.only.split(","))
-    unknown = only - {"bpn", "aiohttp", "aiohttp-uvloop", "httpx", "wrk"}
+    unknown = only - {"bpn", "bpn-batched", "bpn-sync", "aiohttp", "aiohttp-uvloop", "httpx", "wrk"}
     if unknown:
         ap.error(f"unknown senders: {', '.join(sorted(unknown))}")
     have = {m: _have(m) for m in ("aiohttp", "uvloop", "httpx")}
@@ -627,6 +646,7 @@ def main() -> int:
     workload = make_workload(n, args.jobs)
     httpx_cap = args.httpx_events or (1_000 if args.quick else 5_000)
     httpx_workload = workload[: min(n, httpx_cap)]
+    sync_workload = workload[: min(n, args.sync_events or (1_000 if args.quick else 5_000))]
     nginx = Nginx(args.nginx_workers)
     tmp = tempfile.mkdtemp(prefix="bpn-bench-")
     cases: list[Case] = []
@@ -639,6 +659,11 @@ def main() -> int:
         plan: list[tuple[str, str, Callable[[], Run], int]] = []
         if "bpn" in only:
             plan.append(("blueprint_notify", "", lambda: run_bpn(url, workload, probe), args.reps))
+        if "bpn-batched" in only:
+            plan.append(("blueprint_notify + store, batched", "", lambda: run_bpn(url, workload, probe, "batched", tmp), args.reps))
+        if "bpn-sync" in only:
+            note = "capped" if len(sync_workload) < n else ""
+            plan.append(("blueprint_notify + store, sync", note, lambda: run_bpn(url, sync_workload, probe, "sync", tmp), args.reps))
         if "aiohttp" in only and have["aiohttp"]:
             plan.append(("aiohttp (asyncio)", "", lambda: run_async("asyncio", aiohttp_send, url, workload, probe), args.reps))
         if "aiohttp-uvloop" in only and have["aiohttp"] and have["uvloop"]:
@@ -698,6 +723,9 @@ def main() -> int:
         )
         if wrk:
             print(f"blueprint_notify vs wrk: {bpn.rate / wrk.rate:.2f}x ({bpn.rate:,.0f} vs {wrk.rate:,.0f} requests/s)")
+        for c in cases:
+            if c.name.startswith("blueprint_notify + store"):
+                print(f"{c.name}: {c.rate:,.0f}/s = {c.rate / bpn.rate:.2f}x in-memory ({c.median.extra.get('commits', 0):.0f} commits)")
     return 0
 
 

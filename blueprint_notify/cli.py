@@ -1,19 +1,27 @@
 """The ``blueprint-notify`` command (also ``python -m blueprint_notify``).
 
-    blueprint-notify demo [--host 127.0.0.1] [--port 8765] [--no-browser] [--once] [-v]
+    blueprint-notify demo [--host 127.0.0.1] [--port 8765] [--no-browser] [--once]
+                          [--data-dir DIR | --no-store] [-v]
 
 ``demo`` serves the live web demo until Ctrl-C (``--port 0`` picks a free
-port; the URL is printed). ``--once`` instead runs a scripted scenario
-against it over HTTP, checks the outcome and exits (0 when every check
-passed); that is what ``make demo`` does in CI.
+port; the URL is printed). Its webhook deliveries and dead letters live in a
+durable store, ``outbox.db`` under the data directory (default:
+``$XDG_DATA_HOME/blueprint-notify/demo``, i.e.
+``~/.local/share/blueprint-notify/demo``): stop the demo with deliveries
+pending and they resume on the next start. ``--once`` instead runs a
+scripted scenario against it over HTTP, checks the outcome and exits (0 when
+every check passed; its store is a fresh temporary directory unless
+``--data-dir`` is given); that is what ``make demo`` does in CI.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from ._config import __version__
 
@@ -77,6 +85,13 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         action="store_true",
         help="run a scripted scenario against the server over HTTP, check it and exit (status 0 if all is well)",
     )
+    store = demo.add_mutually_exclusive_group()
+    store.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"directory of the durable store outbox.db (default: {default_data_dir()}; --once: a fresh temporary one)",
+    )
+    store.add_argument("--no-store", action="store_true", help="keep deliveries in memory only")
     demo.add_argument("-v", "--verbose", action="store_true", help="log the library, uvicorn and every request")
     listen = commands.add_parser(
         "listen",
@@ -126,20 +141,36 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
         return 2
     if args.once:
-        return _once(args.host, 0 if args.port is None else args.port, args.verbose)
+        if args.no_store or args.data_dir:
+            store = None if args.no_store else _store_in(args.data_dir)
+            return _once(args.host, 0 if args.port is None else args.port, args.verbose, store)
+        with tempfile.TemporaryDirectory(prefix="blueprint-notify-demo-") as tmp:
+            return _once(args.host, 0 if args.port is None else args.port, args.verbose, _store_in(Path(tmp)))
     port = DEFAULT_PORT if args.port is None else args.port
-    return server.serve_forever(args.host, port, open_browser=not args.no_browser, verbose=args.verbose)
+    store = None if args.no_store else _store_in(args.data_dir or default_data_dir())
+    return server.serve_forever(args.host, port, open_browser=not args.no_browser, verbose=args.verbose, store_path=store)
 
 
-def _once(host: str, port: int, verbose: bool) -> int:
+def default_data_dir() -> Path:
+    """Where the demo keeps its store: $XDG_DATA_HOME/blueprint-notify/demo."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "blueprint-notify" / "demo"
+
+
+def _store_in(data_dir: Path) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir / "outbox.db"
+
+
+def _once(host: str, port: int, verbose: bool, store: Path | None) -> int:
     from .demo.app import DemoApp
     from .demo.scripted import run_script
     from .demo.server import serve_in_thread
 
-    app = DemoApp()
+    app = DemoApp(store_path=store)
     try:
         with serve_in_thread(app, host, port, verbose=verbose) as url:
-            print(f"blueprint_notify demo: {url}  (scripted run)", flush=True)
+            print(f"blueprint_notify demo: {url}  (scripted run; store: {store or 'none, in memory'})", flush=True)
             return run_script(url)
     finally:
         app.close()

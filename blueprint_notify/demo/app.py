@@ -37,7 +37,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-from .._events import JobEvent, JobStatus
+from .._events import FailedDelivery, JobEvent, JobStatus
 from .._notifier import JobNotifier
 from ..asgi import SSEApp, _headers, _wait_disconnect, sse_app
 
@@ -163,6 +163,8 @@ class DemoApp:
         options.update(notifier_overrides)
         self.notifier = JobNotifier(**options)
         self.secret = self.notifier.config.signing_secret.encode("utf-8")
+        #: The durable outbox file, or None (in memory).
+        self.store_path = self.notifier.config.store_path
         self.sse: SSEApp = sse_app(self.notifier, retry_ms=retry_ms, ping_interval=10.0, prefix=SSE_PREFIX)
         self.failing = False
         self.job_steps = job_steps
@@ -182,6 +184,9 @@ class DemoApp:
         self._closing: asyncio.Event | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Dead letters kept in the store by earlier runs are on the page too.
+        for dead in self.notifier.dead_letters():
+            self._add_dead(dead)
 
     # -- lifetime ----------------------------------------------------------------
     def _start(self) -> None:
@@ -216,11 +221,13 @@ class DemoApp:
 
     def close(self, timeout: float = 0) -> None:
         """Closes the notifier; deliveries still pending after ``timeout``
-        seconds are dead-lettered (and logged). Idempotent."""
+        seconds stay in the store for the next run (without a store they
+        are dead-lettered and logged). Idempotent."""
         if not self.notifier.closed:
             pending = self.notifier.pending()
             if pending and timeout == 0:
-                logger.info("closing: %d webhook deliveries still pending are dropped", pending)
+                where = f"stay in {self.store_path} for the next run" if self.store_path else "are dropped"
+                logger.info("closing: %d webhook deliveries still pending %s", pending, where)
             self.notifier.close(timeout)
 
     # -- ASGI --------------------------------------------------------------------
@@ -591,6 +598,7 @@ class DemoApp:
             "jobs": [job.public() for job in self.jobs.values()],
             "hooks": list(self.hooks),
             "dead_letters": list(self.dead),
+            "store": None if self.store_path is None else str(self.store_path),
             "resumes": list(self.resumes),
         }
 
@@ -600,29 +608,41 @@ class DemoApp:
         stats = self.stats()
         if stats.get("dead_lettered") != self._last_stats.get("dead_lettered"):
             for dead in self.notifier.dead_letters():
-                if dead.id <= self._last_dead_id:
-                    continue
-                self._last_dead_id = dead.id
-                try:
-                    event = dead.event()
-                    status, progress = event.status.value, event.progress
-                except (ValueError, KeyError, TypeError):
-                    status, progress = None, None
-                entry = {
-                    "id": dead.id,
-                    "job_id": dead.job_id,
-                    "status": status,
-                    "progress": progress,
-                    "attempts": dead.attempts,
-                    "last_error": dead.last_error,
-                    "failed_at": dead.failed_at,
-                }
-                self.dead.append(entry)
-                logger.info("dead letter: %s %s after %d attempts (%s)", dead.job_id, status, dead.attempts, dead.last_error)
-                self._broadcast("dead_letter", entry)
+                entry = self._add_dead(dead)
+                if entry is not None:
+                    logger.info(
+                        "dead letter: %s %s after %d attempts (%s)",
+                        dead.job_id,
+                        entry["status"],
+                        dead.attempts,
+                        dead.last_error,
+                    )
+                    self._broadcast("dead_letter", entry)
         if stats != self._last_stats:
             self._last_stats = stats
             self._broadcast("stats", stats)
+
+    def _add_dead(self, dead: FailedDelivery) -> dict[str, Any] | None:
+        """Records a dead letter not seen yet; returns its page entry."""
+        if dead.id <= self._last_dead_id:
+            return None
+        self._last_dead_id = dead.id
+        try:
+            event = dead.event()
+            status, progress = event.status.value, event.progress
+        except (ValueError, KeyError, TypeError):
+            status, progress = None, None
+        entry = {
+            "id": dead.id,
+            "job_id": dead.job_id,
+            "status": status,
+            "progress": progress,
+            "attempts": dead.attempts,
+            "last_error": dead.last_error,
+            "failed_at": dead.failed_at,
+        }
+        self.dead.append(entry)
+        return entry
 
     async def _watch_engine(self) -> None:
         # The notifier has no callback for dead letters; its counters are

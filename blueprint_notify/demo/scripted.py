@@ -233,4 +233,6 @@ def _check(followed: list[Followed], state: dict[str, Any]) -> list[str]:
         problems.append(f"dead letters {dead} are not the failing job's")
     if any(d["attempts"] != 4 for d in dead):
         problems.append("a dead letter was not tried 1 + max_retries (3) times")
+    if state.get("store") and not state["stats"].get("store_commits"):
+        problems.append(f"nothing was committed to the store {state['store']}")
     return problems

@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from .._core import StoreError
 from .app import DemoApp
 
 __all__ = ["DemoServer", "bind", "make_server", "serve_forever", "serve_in_thread", "url_for"]
@@ -103,14 +104,30 @@ def _can_open_browser() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def serve_forever(host: str, port: int, *, open_browser: bool = True, verbose: bool = False) -> int:
-    """The interactive demo: serves until Ctrl-C, then closes the notifier."""
+def serve_forever(
+    host: str, port: int, *, open_browser: bool = True, verbose: bool = False, store_path: str | os.PathLike[str] | None = None
+) -> int:
+    """The interactive demo: serves until Ctrl-C, then closes the notifier
+    (deliveries still pending stay in the store for the next run)."""
     try:
         sock = bind(host, port)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s (try --port 0 for a free port)", host, port, exc.strerror or exc)
         return 1
-    app = DemoApp()
+    try:
+        app = DemoApp(store_path=store_path)
+    except StoreError as exc:
+        sock.close()
+        logger.error("%s (another demo running? use --data-dir DIR or --no-store)", exc)
+        return 1
+    if store_path is not None:
+        stats = app.notifier.stats()
+        logger.info(
+            "store: %s (%d pending deliveries resumed, %d dead letters kept)",
+            store_path,
+            stats["recovered"],
+            len(app.dead),
+        )
     server = make_server(app, verbose=verbose)
     url = url_for(sock)
     print(f"blueprint_notify demo: {url}  (Ctrl-C stops it)", flush=True)
