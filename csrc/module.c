@@ -426,10 +426,10 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
             return NULL;
         }
     }
-    int rc = bpn_engine_notify(
-        self->e, id, (size_t)len, (int)status, PyBytes_AS_STRING(args[2]),
-        (size_t)PyBytes_GET_SIZE(args[2]), url, (size_t)url_len, origin, &seq,
-        &delivery);
+    int rc = bpn_engine_notify(self->e, id, (size_t)len, (int)status,
+                               PyBytes_AS_STRING(args[2]),
+                               (size_t)PyBytes_GET_SIZE(args[2]), url,
+                               (size_t)url_len, origin, &seq, &delivery);
     if (rc != BPN_OK) return raise_core_error(rc, Py_TYPE(op));
     if (delivery && bpn_delivery_sync_store(self->e->delivery)) {
         /* Sync durability: return once the delivery is on disk. */
@@ -490,14 +490,13 @@ static PyObject *Engine_stats(PyObject *op, PyObject *unused) {
     Py_ssize_t channels = (Py_ssize_t)bpn_hub_active(&self->e->hub);
     return Py_BuildValue(
         "{sKsKsKsKsKsKsKsKsKsKsnsnsnsdsdsdsdsKsKsKsK}", "enqueued",
-        st.submitted,
-        "submitted", st.submitted, "delivered", st.delivered, "retried",
-        st.retried, "dead_lettered", st.dead_lettered, "dead_letters_evicted",
-        st.evicted, "attempts", st.attempts, "failed_attempts",
-        st.failed_attempts, "in_flight", st.in_flight, "pending", st.pending,
-        "channels", channels, "active_channels", channels, "subscribers",
-        (Py_ssize_t)bpn_hub_subscribers(&self->e->hub), "latency_p50_ms",
-        latency_quantile(&st, 0.50), "latency_p90_ms",
+        st.submitted, "submitted", st.submitted, "delivered", st.delivered,
+        "retried", st.retried, "dead_lettered", st.dead_lettered,
+        "dead_letters_evicted", st.evicted, "attempts", st.attempts,
+        "failed_attempts", st.failed_attempts, "in_flight", st.in_flight,
+        "pending", st.pending, "channels", channels, "active_channels",
+        channels, "subscribers", (Py_ssize_t)bpn_hub_subscribers(&self->e->hub),
+        "latency_p50_ms", latency_quantile(&st, 0.50), "latency_p90_ms",
         latency_quantile(&st, 0.90), "latency_p99_ms",
         latency_quantile(&st, 0.99), "latency_sum_ms",
         (double)st.latency_sum_us / 1000.0, "recovered", st.recovered,

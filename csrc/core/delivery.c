@@ -707,7 +707,7 @@ static void lane_finish(bpn_delivery *d, lane *l, int delivered) {
     if (!l->head) l->tail = NULL;
     d->done_unpublished++;
     if (delivered) {
-        if (d->store && bpn_store_delivered(d->store, x->id) < 0)
+        if (d->store && bpn_store_delivered(d->store, x->id, x->attempts) < 0)
             store_failed(d);
         dlv_free(x);
     } else {

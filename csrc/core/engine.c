@@ -92,8 +92,8 @@ int bpn_engine_notify(bpn_engine *e, const char *id, size_t len, int status,
     bpn_hub_publish_locked(&e->hub, id, len, ev);
     *seq = ev->seq;
     if (url)
-        rc = bpn_delivery_submit(e->delivery, id, len, url, url_len, origin,
-                                 ev, delivery);
+        rc = bpn_delivery_submit(e->delivery, id, len, url, url_len, origin, ev,
+                                 delivery);
 exit:
     bpn_hub_unlock(&e->hub);
     bpn_event_unref(ev);

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,21 +37,27 @@ static const char *const sql_text[S_COUNT] = {
     [S_COMMIT] = "COMMIT",
     [S_ROLLBACK] = "ROLLBACK",
     [S_META] = "INSERT OR REPLACE INTO meta(key, value) VALUES('last_id', ?1)",
-    [S_INSERT] = "INSERT INTO deliveries(id, state, msg_id, job_id, url, "
-                 "origin, payload, created_at) VALUES(?1, 0, ?2, ?3, ?4, ?5, "
-                 "?6, ?7)",
-    [S_REQUEUE] = "UPDATE deliveries SET id = ?2, state = 0, attempts = 0, "
-                  "due_ms = 0, done_at = NULL, last_error = NULL, log = NULL "
-                  "WHERE id = ?1",
-    [S_RETRY] = "UPDATE deliveries SET attempts = ?2, due_ms = ?3, "
-                "last_error = ?4, log = ?5 WHERE id = ?1",
-    [S_DELIVERED] = "UPDATE deliveries SET state = 1, done_at = ?2, log = NULL "
-                    "WHERE id = ?1",
-    [S_DEAD] = "UPDATE deliveries SET state = 2, attempts = ?2, done_at = ?3, "
-               "last_error = ?4, log = ?5 WHERE id = ?1",
+    [S_INSERT] =
+        "INSERT INTO deliveries(id, state, msg_id, job_id, url, "
+        "origin, payload, created_at) VALUES(?1, 0, ?2, ?3, ?4, ?5, "
+        "?6, ?7)",
+    [S_REQUEUE] =
+        "UPDATE deliveries SET id = ?2, state = 0, attempts = 0, "
+        "due_ms = 0, done_at = NULL, last_error = NULL, log = NULL "
+        "WHERE id = ?1",
+    [S_RETRY] =
+        "UPDATE deliveries SET attempts = ?2, due_ms = ?3, "
+        "last_error = ?4, log = ?5 WHERE id = ?1",
+    [S_DELIVERED] =
+        "UPDATE deliveries SET state = 1, done_at = ?2, "
+        "attempts = ?3, log = NULL WHERE id = ?1",
+    [S_DEAD] =
+        "UPDATE deliveries SET state = 2, attempts = ?2, done_at = ?3, "
+        "last_error = ?4, log = ?5 WHERE id = ?1",
     [S_DELETE] = "DELETE FROM deliveries WHERE id = ?1",
-    [S_PRUNE] = "DELETE FROM deliveries WHERE id IN (SELECT id FROM "
-                "deliveries WHERE state = 1 AND done_at < ?1 LIMIT ?2)",
+    [S_PRUNE] =
+        "DELETE FROM deliveries WHERE id IN (SELECT id FROM "
+        "deliveries WHERE state = 1 AND done_at < ?1 LIMIT ?2)",
 };
 
 static const char schema_sql[] =
@@ -81,6 +88,7 @@ struct bpn_store {
     uint64_t dirty_since;
     uint64_t keep_delivered_ms;
     uint64_t last_id;
+    uint64_t saved_last_id; /* the value in meta */
     char prefix[17];
     char *path;
     char err[256];
@@ -139,7 +147,8 @@ static int decode_log(const uint8_t *p, size_t len, bpn_attempt **out,
     return 0;
 }
 
-/* ---- errors and statements ------------------------------------------------ */
+/* ---- errors and statements ------------------------------------------------
+ */
 
 static int fail(bpn_store *s, const char *what) {
     snprintf(s->err, sizeof(s->err), "%s: %s", what, sqlite3_errmsg(s->db));
@@ -234,21 +243,26 @@ static int check_path(const char *path, char *err, size_t errlen) {
             snprintf(err, errlen, "store_path %s: is not a regular file", path);
             return -1;
         }
-        return 0;
-    }
-    if (errno != ENOENT) {
+        if (access(path, R_OK | W_OK) != 0) {
+            snprintf(err, errlen,
+                     "store_path %s: is not readable and writable by this "
+                     "process (%s)",
+                     path, strerror(errno));
+            return -1;
+        }
+    } else if (errno != ENOENT) {
         snprintf(err, errlen, "store_path %s: %s", path, strerror(errno));
         return -1;
     }
+    /* SQLite creates "<path>-wal" and "<path>-shm" next to the file. */
     const char *slash = strrchr(path, '/');
-    if (!slash) return 0; /* relative to the working directory */
-    size_t dlen = slash == path ? 1 : (size_t)(slash - path);
+    size_t dlen = !slash ? 1 : slash == path ? 1 : (size_t)(slash - path);
     char dir[4096];
     if (dlen >= sizeof(dir)) {
         snprintf(err, errlen, "store_path is too long");
         return -1;
     }
-    memcpy(dir, path, dlen);
+    memcpy(dir, slash ? path : ".", dlen);
     dir[dlen] = '\0';
     if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
         snprintf(err, errlen,
@@ -257,16 +271,51 @@ static int check_path(const char *path, char *err, size_t errlen) {
                  path, dir);
         return -1;
     }
+    if (access(dir, W_OK | X_OK) != 0) {
+        snprintf(err, errlen,
+                 "store_path %s: the directory %s is not writable by this "
+                 "process (%s); SQLite keeps its -wal and -shm files there",
+                 path, dir, strerror(errno));
+        return -1;
+    }
     return 0;
 }
 
 /* Takes the exclusive lock on "<path>-lock" and writes our pid into it.
  * Returns the descriptor, or -1 with the message set (*locked set when
  * another process or notifier holds it). */
+/* The canonical name of path (symlinks resolved), also for a file not
+ * created yet (its directory resolved); path itself if that fails. */
+static void resolve(const char *path, char *out) {
+    char dir[PATH_MAX], rdir[PATH_MAX];
+    if (realpath(path, out)) return;
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    size_t dlen = !slash ? 1 : slash == path ? 1 : (size_t)(slash - path);
+    size_t plen = strlen(path);
+    if (plen >= PATH_MAX) goto as_is;
+    memcpy(dir, slash ? path : ".", dlen);
+    dir[dlen] = '\0';
+    if (!realpath(dir, rdir)) goto as_is;
+    size_t rlen = strcmp(rdir, "/") == 0 ? 0 : strlen(rdir);
+    size_t blen = strlen(base);
+    if (rlen + 1 + blen >= PATH_MAX) goto as_is;
+    memcpy(out, rdir, rlen);
+    out[rlen] = '/';
+    memcpy(out + rlen + 1, base, blen + 1);
+    return;
+as_is:
+    memcpy(out, path, plen < PATH_MAX ? plen + 1 : PATH_MAX);
+    out[PATH_MAX - 1] = '\0';
+}
+
 static int take_lock(const char *path, int *locked, char *err, size_t errlen) {
-    char lock_path[4200];
+    char lock_path[PATH_MAX + 8], real[PATH_MAX];
     *locked = 0;
-    snprintf(lock_path, sizeof(lock_path), "%s-lock", path);
+    /* Through symlinks, one file gets one lock. (Hard links to a SQLite
+     * database are unsupported by SQLite itself.) */
+    resolve(path, real);
+    snprintf(lock_path, sizeof(lock_path), "%s-lock", real);
     int fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) {
         snprintf(err, errlen, "store_path %s: cannot open the lock file %s: %s",
@@ -397,6 +446,7 @@ static int prepare_db(bpn_store *s, char *err, size_t errlen) {
                   &max_id, path, "cannot read", err, errlen) < 0)
         goto rollback;
     s->last_id = (uint64_t)(last_id > max_id ? last_id : max_id);
+    s->saved_last_id = (uint64_t)last_id;
     if (exec_sql(db, "COMMIT", path, "cannot write", err, errlen) < 0)
         goto rollback;
     return 0;
@@ -425,10 +475,10 @@ int bpn_store_open(const char *path, uint64_t keep_delivered_ms,
         if (locked) rc = BPN_ELOCKED;
         goto error;
     }
-    int orc = sqlite3_open_v2(
-        path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-                          SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE,
-        NULL);
+    int orc = sqlite3_open_v2(path, &s->db,
+                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                                  SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE,
+                              NULL);
     if (orc != SQLITE_OK) {
         snprintf(err, errlen, "store_path %s: cannot open: %s", path,
                  s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(orc));
@@ -436,8 +486,9 @@ int bpn_store_open(const char *path, uint64_t keep_delivered_ms,
     }
     if (prepare_db(s, err, errlen) < 0) goto error;
     for (int i = 0; i < S_COUNT; i++) {
-        if (sqlite3_prepare_v3(s->db, sql_text[i], -1, SQLITE_PREPARE_PERSISTENT,
-                               &s->st[i], NULL) != SQLITE_OK) {
+        if (sqlite3_prepare_v3(s->db, sql_text[i], -1,
+                               SQLITE_PREPARE_PERSISTENT, &s->st[i],
+                               NULL) != SQLITE_OK) {
             snprintf(err, errlen, "store_path %s: cannot prepare (%s)", path,
                      sqlite3_errmsg(s->db));
             goto error;
@@ -553,8 +604,8 @@ exit_set:
 
 int bpn_store_load(bpn_store *s, int (*cb)(void *arg, const bpn_stored *row),
                    void *arg, char *err, size_t errlen) {
-#define COLS                                                                  \
-    "SELECT id, state, msg_id, job_id, url, origin, payload, attempts, "      \
+#define COLS                                                             \
+    "SELECT id, state, msg_id, job_id, url, origin, payload, attempts, " \
     "due_ms, done_at, last_error, log FROM deliveries "
     int rc =
         load_state(s, COLS "WHERE state = 0 ORDER BY id", cb, arg, err, errlen);
@@ -620,17 +671,18 @@ int bpn_store_retry(bpn_store *s, uint64_t id, uint32_t attempts,
     return run(s, S_RETRY, "could not record a failed attempt");
 }
 
-int bpn_store_delivered(bpn_store *s, uint64_t id) {
+int bpn_store_delivered(bpn_store *s, uint64_t id, uint32_t attempts) {
     if (s->keep_delivered_ms == 0) return bpn_store_delete(s, id);
     if (begin(s) < 0) return -1;
     sqlite3_bind_int64(s->st[S_DELIVERED], 1, (sqlite3_int64)id);
     sqlite3_bind_double(s->st[S_DELIVERED], 2, bpn_wall_f());
+    sqlite3_bind_int64(s->st[S_DELIVERED], 3, attempts);
     return run(s, S_DELIVERED, "could not record a delivery");
 }
 
-int bpn_store_dead(bpn_store *s, uint64_t id, uint32_t attempts,
-                   double done_at, const char *last_error,
-                   const bpn_attempt *log, uint32_t nlog) {
+int bpn_store_dead(bpn_store *s, uint64_t id, uint32_t attempts, double done_at,
+                   const char *last_error, const bpn_attempt *log,
+                   uint32_t nlog) {
     if (begin(s) < 0) return -1;
     sqlite3_stmt *st = s->st[S_DEAD];
     sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
@@ -662,14 +714,17 @@ int bpn_store_prune(bpn_store *s, int limit) {
 int bpn_store_commit(bpn_store *s, uint64_t last_id) {
     if (!s->dirty) return 0;
     if (last_id > s->last_id) s->last_id = last_id;
-    sqlite3_bind_int64(s->st[S_META], 1, (sqlite3_int64)s->last_id);
-    if (run(s, S_META, "could not record the last id") < 0 ||
+    /* A transaction that changed nothing commits without writing. */
+    int meta = s->last_id != s->saved_last_id;
+    if (meta) sqlite3_bind_int64(s->st[S_META], 1, (sqlite3_int64)s->last_id);
+    if ((meta && run(s, S_META, "could not record the last id") < 0) ||
         run(s, S_COMMIT, "could not commit") < 0) {
         if (!sqlite3_get_autocommit(s->db))
             run(s, S_ROLLBACK, "could not roll back");
         s->dirty = 0;
         return -1;
     }
+    s->saved_last_id = s->last_id;
     s->dirty = 0;
     return 0;
 }

@@ -73,10 +73,10 @@ int bpn_store_requeue(bpn_store *s, uint64_t old_id, uint64_t new_id);
 int bpn_store_retry(bpn_store *s, uint64_t id, uint32_t attempts,
                     int64_t due_ms, const char *last_error,
                     const bpn_attempt *log, uint32_t nlog);
-int bpn_store_delivered(bpn_store *s, uint64_t id);
-int bpn_store_dead(bpn_store *s, uint64_t id, uint32_t attempts,
-                   double done_at, const char *last_error,
-                   const bpn_attempt *log, uint32_t nlog);
+int bpn_store_delivered(bpn_store *s, uint64_t id, uint32_t attempts);
+int bpn_store_dead(bpn_store *s, uint64_t id, uint32_t attempts, double done_at,
+                   const char *last_error, const bpn_attempt *log,
+                   uint32_t nlog);
 int bpn_store_delete(bpn_store *s, uint64_t id);
 /* Deletes up to `limit` delivered rows past their retention. Returns the
  * number deleted or -1. */
