@@ -697,9 +697,12 @@ n.close(0)
 print("closed", flush=True)
 """
 
-_TRY_CHILD = r"""
-import json, sys
+# Child processes open the store given as argv[1] and print what happened.
+_IMPORTS = r"""
+import json, os, sys
 from blueprint_notify import JobNotifier, StoreError, StoreLockedError
+"""
+_OPEN_STORE = r"""
 try:
     n = JobNotifier(signing_secret="x", store_path=sys.argv[1])
 except StoreError as exc:
@@ -708,6 +711,7 @@ else:
     n.close(0)
     print(json.dumps({"type": None}))
 """
+_TRY_CHILD = _IMPORTS + _OPEN_STORE
 
 
 def test_a_store_held_by_another_process_is_refused(tmp_path: Path) -> None:
@@ -846,9 +850,10 @@ def test_an_empty_file_and_a_relative_path_become_a_store(tmp_path: Path, monkey
     assert query(tmp_path / "relative.db", "SELECT count(*) AS n FROM deliveries") == [{"n": 0}]
 
 
-_NOBODY_CHILD = r"""
-import json, os, sys
-from blueprint_notify import JobNotifier, StoreError, StoreLockedError  # imported while still root
+# Imported while still root: the interpreter lives under /root.
+_NOBODY_CHILD = (
+    _IMPORTS
+    + r"""
 try:
     os.setgroups([])
     os.setgid(65534)
@@ -859,14 +864,9 @@ except OSError as exc:
 if os.access(os.path.dirname(sys.argv[1]), os.W_OK):
     print(json.dumps({"skip": "the store's directory is writable even as nobody"}))
     sys.exit(0)
-try:
-    n = JobNotifier(signing_secret="x", store_path=sys.argv[1])
-except StoreError as exc:
-    print(json.dumps({"type": type(exc).__name__, "locked": isinstance(exc, StoreLockedError), "msg": str(exc)}))
-else:
-    n.close(0)
-    print(json.dumps({"type": None}))
 """
+    + _OPEN_STORE
+)
 
 
 @pytest.mark.parametrize("lock_writable", [True, False], ids=["file-read-only", "dir-read-only"])

@@ -1325,6 +1325,17 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
     return BPN_OK;
 }
 
+/* The CLOCK_REALTIME time (pthread_cond_timedwait's) ms from now. */
+static void deadline_in(int64_t ms, struct timespec *ts) {
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
 int bpn_delivery_sync_store(const bpn_delivery *d) {
     return d->has_store && d->cfg.store_sync;
 }
@@ -1332,15 +1343,7 @@ int bpn_delivery_sync_store(const bpn_delivery *d) {
 int bpn_delivery_wait_stored(bpn_delivery *d, uint64_t id, int64_t timeout_ms) {
     struct timespec deadline;
     if (!d->has_store) return 1;
-    if (timeout_ms >= 0) {
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
+    if (timeout_ms >= 0) deadline_in(timeout_ms, &deadline);
     pthread_mutex_lock(&d->mu);
     while (d->stored_id < id && !d->joined) {
         if (timeout_ms < 0)
@@ -1362,15 +1365,7 @@ static int ticket_done_locked(bpn_delivery *d, uint64_t ticket) {
  * ticket is UINT64_MAX) or the deadline passes. Called with d->mu held. */
 static int wait_locked(bpn_delivery *d, uint64_t ticket, int64_t timeout_ms) {
     struct timespec deadline;
-    if (timeout_ms >= 0) {
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
+    if (timeout_ms >= 0) deadline_in(timeout_ms, &deadline);
     while (!ticket_done_locked(d, ticket)) {
         if (timeout_ms < 0) {
             pthread_cond_wait(&d->cond, &d->mu);

@@ -655,20 +655,30 @@ static int bind_log(bpn_store *s, sqlite3_stmt *st, int i,
     return sqlite3_bind_blob(st, i, buf, (int)len, free) == SQLITE_OK ? 0 : -1;
 }
 
-int bpn_store_retry(bpn_store *s, uint64_t id, uint32_t attempts,
-                    int64_t due_ms, const char *last_error,
-                    const bpn_attempt *log, uint32_t nlog) {
-    if (begin(s) < 0) return -1;
-    sqlite3_stmt *st = s->st[S_RETRY];
+/* Binds what a failed attempt changes (?1 id, ?2 attempts, ?4 last error,
+ * ?5 attempt log; the caller bound ?3) and runs the statement. */
+static int write_failure(bpn_store *s, int which, uint64_t id,
+                         uint32_t attempts, const char *last_error,
+                         const bpn_attempt *log, uint32_t nlog,
+                         const char *what) {
+    sqlite3_stmt *st = s->st[which];
     sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
     sqlite3_bind_int64(st, 2, attempts);
-    sqlite3_bind_int64(st, 3, due_ms);
     sqlite3_bind_text(st, 4, last_error, -1, SQLITE_STATIC);
     if (bind_log(s, st, 5, log, nlog) < 0) {
         sqlite3_clear_bindings(st);
         return -1;
     }
-    return run(s, S_RETRY, "could not record a failed attempt");
+    return run(s, which, what);
+}
+
+int bpn_store_retry(bpn_store *s, uint64_t id, uint32_t attempts,
+                    int64_t due_ms, const char *last_error,
+                    const bpn_attempt *log, uint32_t nlog) {
+    if (begin(s) < 0) return -1;
+    sqlite3_bind_int64(s->st[S_RETRY], 3, due_ms);
+    return write_failure(s, S_RETRY, id, attempts, last_error, log, nlog,
+                         "could not record a failed attempt");
 }
 
 int bpn_store_delivered(bpn_store *s, uint64_t id, uint32_t attempts) {
@@ -684,16 +694,9 @@ int bpn_store_dead(bpn_store *s, uint64_t id, uint32_t attempts, double done_at,
                    const char *last_error, const bpn_attempt *log,
                    uint32_t nlog) {
     if (begin(s) < 0) return -1;
-    sqlite3_stmt *st = s->st[S_DEAD];
-    sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
-    sqlite3_bind_int64(st, 2, attempts);
-    sqlite3_bind_double(st, 3, done_at);
-    sqlite3_bind_text(st, 4, last_error, -1, SQLITE_STATIC);
-    if (bind_log(s, st, 5, log, nlog) < 0) {
-        sqlite3_clear_bindings(st);
-        return -1;
-    }
-    return run(s, S_DEAD, "could not record a dead letter");
+    sqlite3_bind_double(s->st[S_DEAD], 3, done_at);
+    return write_failure(s, S_DEAD, id, attempts, last_error, log, nlog,
+                         "could not record a dead letter");
 }
 
 int bpn_store_delete(bpn_store *s, uint64_t id) {
