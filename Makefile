@@ -7,7 +7,8 @@
 #   make demo        the web demo (python -m blueprint_notify demo); with CI
 #                    set: its scripted run (--once), which exits by itself
 #   make demo-terminal  examples/orchestrator.py, the terminal-only demo
-#   make bench       bench/throughput.py, when it exists (installs .[bench])
+#   make bench       every benchmark (bench/run.py), writes docs/BENCHMARKS.md
+#                    (installs .[bench], nginx-light, wrk, valgrind)
 #   make clean       build outputs (keeps .venv); distclean also removes .venv
 #
 # Second runs are cheap. The install is stamped in .venv and redone only when
@@ -142,16 +143,20 @@ demo: build
 demo-terminal: build
 	$(PY) examples/orchestrator.py
 
-# The bench extra (aiohttp, httpx) for the pure-Python senders compared.
+# The bench extra (aiohttp, httpx, uvloop, uvicorn) for the peers compared,
+# and nginx-light, wrk and valgrind (tools/sysdeps.sh --bench).
 $(BENCH_STAMP): pyproject.toml setup.py $(INSTALL_STAMP)
+	PYTHON=$(PYTHON) tools/sysdeps.sh --bench
 	$(PY) -m pip install -q -e '.[bench]'
 	@rm -f $(FLAVOR_FILE)
 	@touch $@
 
+# Every case in one run (bench/run.py): prints the tables and writes
+# docs/BENCHMARKS.md. BENCH_ARGS=--quick for a short run (it then writes
+# nothing unless --out is given).
 bench: $(BENCH_STAMP)
 	@$(MAKE) build
-	@if [ -f bench/throughput.py ]; then $(PY) bench/throughput.py $(BENCH_ARGS); \
-	else echo "bench/throughput.py does not exist yet"; fi
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(FLAVOR_FILE)

@@ -395,6 +395,44 @@ def run_bpn(url: str, workload: Workload, probe: CpuProbe, durability: str | Non
     return run
 
 
+def run_latency(url: str, workload: Workload, rate: float, seconds: float) -> dict[str, float]:
+    """notify() to the receiver's 2xx, from the notifier's own histogram
+    (buckets ~19% wide; the value reported is the bucket's midpoint).
+    rate 0: idle, one event at a time (notify, then flush). Else a paced
+    producer: every millisecond, the events due by then."""
+    with bpn_notifier() as notifier:
+        sent = 0
+        t0 = time.perf_counter()
+        if rate == 0:
+            n = min(len(workload), 2_000)
+            for job_id, event in workload[:n]:
+                notifier.notify(job_id, event, url)
+                notifier.flush(CASE_TIMEOUT)
+            sent = n
+        else:
+            total = min(len(workload), int(rate * seconds))
+            while sent < total:
+                due = min(total, int((time.perf_counter() - t0) * rate) + 1)
+                for job_id, event in workload[sent:due]:
+                    notifier.notify(job_id, event, url)
+                sent = due
+                time.sleep(0.001)
+        elapsed = time.perf_counter() - t0
+        if not notifier.flush(CASE_TIMEOUT):
+            raise RuntimeError("flush() timed out")
+        stats = notifier.stats()
+    if stats["delivered"] != sent or stats["failed_attempts"]:
+        raise RuntimeError(f"latency run did not deliver everything cleanly: {stats}")
+    # The first deliveries include connecting (at most 64 of thousands:
+    # below the 99th percentile).
+    return {
+        "events": sent,
+        "rate": sent / elapsed,
+        "p50_ms": stats["latency_p50_ms"],
+        "p99_ms": stats["latency_p99_ms"],
+    }
+
+
 async def _drive(workload: Workload, send: Callable[[str, bytes, dict[str, str]], Any]) -> dict[str, float]:
     """64 worker tasks pull from one queue; each request is built, signed and
     sent by the worker. Returns the timing."""
@@ -611,9 +649,10 @@ def main() -> int:
     ap.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1; or auto)")
     ap.add_argument(
         "--only",
-        default="bpn,bpn-batched,bpn-sync,aiohttp,aiohttp-uvloop,httpx,wrk",
-        help="comma-separated subset of bpn,bpn-batched,bpn-sync,aiohttp,aiohttp-uvloop,httpx,wrk",
+        default="bpn,bpn-batched,bpn-sync,aiohttp,aiohttp-uvloop,httpx,wrk,latency",
+        help="comma-separated subset of bpn,bpn-batched,bpn-sync,aiohttp,aiohttp-uvloop,httpx,wrk,latency",
     )
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (for bench/run.py)")
     ap.add_argument(
         "--sync-events",
         type=int,
@@ -624,7 +663,7 @@ def main() -> int:
     if n < 1 or args.jobs < 1 or args.reps < 1:
         ap.error("--events, --jobs and --reps must be positive")
     only = set(args.only.split(","))
-    unknown = only - {"bpn", "bpn-batched", "bpn-sync", "aiohttp", "aiohttp-uvloop", "httpx", "wrk"}
+    unknown = only - {"bpn", "bpn-batched", "bpn-sync", "aiohttp", "aiohttp-uvloop", "httpx", "wrk", "latency"}
     if unknown:
         ap.error(f"unknown senders: {', '.join(sorted(unknown))}")
     have = {m: _have(m) for m in ("aiohttp", "uvloop", "httpx")}
@@ -636,13 +675,14 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
 
-    print("# blueprint_notify webhook throughput\n")
-    print(
+    out: list[str] = ["## Webhook delivery throughput", ""]
+    out.append(
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, nginx {nginx_version()} "
         f"(worker_processes {args.nginx_workers}, `return 204`), {CONCURRENCY} connections, "
         f"{n:,} events over {min(args.jobs, n):,} jobs, median of {args.reps}; "
-        f"load average {open('/proc/loadavg').read().split()[0]} at start"
+        f"load average {open('/proc/loadavg').read().split()[0]} at start."
     )
+    print(out[-1], file=sys.stderr)
     workload = make_workload(n, args.jobs)
     httpx_cap = args.httpx_events or (1_000 if args.quick else 5_000)
     httpx_workload = workload[: min(n, httpx_cap)]
@@ -650,9 +690,12 @@ def main() -> int:
     nginx = Nginx(args.nginx_workers)
     tmp = tempfile.mkdtemp(prefix="bpn-bench-")
     cases: list[Case] = []
+    latency: dict[str, dict[str, float]] = {}
     try:
         nginx.start()  # first, while this process has a single thread
-        print(f"wire check: {wire_check(have)}\n", flush=True)
+        check = wire_check(have)
+        out.append(f"Wire check: {check}.")
+        print(f"wire check: {check}", file=sys.stderr, flush=True)
         assert nginx.proc is not None
         probe = CpuProbe(nginx.proc.pid)
         url = nginx.url
@@ -687,13 +730,23 @@ def main() -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+        if "latency" in only:
+            bpn_case = next((c for c in cases if c.name == "blueprint_notify"), None)
+            if bpn_case is None:  # the half-load rate needs the maximum
+                bpn_case = Case("blueprint_notify", [run_bpn(url, workload, probe)])
+            for label, rate in (("idle", 0.0), ("50% load", bpn_case.rate / 2)):
+                runs = [run_latency(url, workload, rate, seconds=3.0 if n >= 50_000 else 1.0) for _ in range(args.reps)]
+                latency[label] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                print(f"  latency {label}: {latency[label]}", file=sys.stderr, flush=True)
     finally:
         nginx.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     bpn = next((c for c in cases if c.name == "blueprint_notify"), None)
-    print("| sender | events | seconds | events/s | vs blueprint_notify | client CPU | nginx CPU | other CPU |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    wrk = next((c for c in cases if c.name.startswith("wrk")), None)
+    headline: dict[str, float] = {}
+    out += ["", "| sender | events | seconds | events/s | vs blueprint_notify | client CPU | nginx CPU | other CPU |"]
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in cases:
         m = c.median
         ratio = "-"
@@ -701,31 +754,70 @@ def main() -> int:
             r = c.rate / bpn.rate
             ratio = f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
         name = c.name + (f" ({c.note})" if c.note else "")
-        print(
+        out.append(
             f"| {name} | {m.events:,} | {m.seconds:.3f} | {c.rate:,.0f} | {ratio} "
             f"| {m.client_cpu:.0f}% | {m.nginx_cpu:.0f}% | {m.other_cpu:.0f}% |"
         )
-    print(
+    out.append(
         "\nseconds: median run, first notify()/request to flush() returning/last response; "
         "CPU: % of one core over that run (client: the sending process, or wrk; "
         f"nginx: its worker{'s' if args.nginx_workers != '1' else ''}; other: the rest of the machine, "
         "i.e. noise — rerun if it is not near 0%)."
     )
-    wrk = next((c for c in cases if c.name.startswith("wrk")), None)
     if bpn:
         m = bpn.median
         ns = m.extra.get("notify_seconds", 0.0)
-        print(
+        headline["delivery_per_s"] = bpn.rate
+        out.append(
             f"\nblueprint_notify: notify() loop {ns:.3f}s ({ns / m.events * 1e6:.2f} µs per call) of {m.seconds:.3f}s; "
             f"delivery thread CPU {m.extra.get('delivery_cpu', 0):.0f}% "
             f"({m.extra.get('delivery_us_user', 0):.1f} µs user + {m.extra.get('delivery_us_sys', 0):.1f} µs kernel per delivery), "
-            f"Python thread CPU {m.extra.get('main_cpu', 0):.0f}%"
+            f"Python thread CPU {m.extra.get('main_cpu', 0):.0f}%."
         )
-        if wrk:
-            print(f"blueprint_notify vs wrk: {bpn.rate / wrk.rate:.2f}x ({bpn.rate:,.0f} vs {wrk.rate:,.0f} requests/s)")
+        ratios = []
         for c in cases:
+            key = {
+                "aiohttp (asyncio)": "vs_aiohttp",
+                "aiohttp (uvloop)": "vs_aiohttp_uvloop",
+                "httpx.AsyncClient (asyncio)": "vs_httpx",
+            }.get(c.name)
+            if c is wrk:
+                key = "vs_wrk"
+            if key:
+                headline[key] = bpn.rate / c.rate
+                ratios.append(f"{bpn.rate / c.rate:.2f}x {c.name.split(' ')[0] if c is not wrk else 'wrk'}")
             if c.name.startswith("blueprint_notify + store"):
-                print(f"{c.name}: {c.rate:,.0f}/s = {c.rate / bpn.rate:.2f}x in-memory ({c.median.extra.get('commits', 0):.0f} commits)")
+                mode = c.name.rsplit(" ", 1)[-1]
+                headline[f"store_{mode}_vs_memory"] = c.rate / bpn.rate
+                headline[f"store_{mode}_per_s"] = c.rate
+                ratios.append(f"store {mode} {c.rate / bpn.rate:.2f}x in-memory ({c.rate:,.0f}/s)")
+        if ratios:
+            out.append("Ratios (blueprint_notify / other): " + ", ".join(ratios) + ".")
+        if wrk and any(c.name.startswith("aiohttp") for c in cases):
+            aio = max((c for c in cases if c.name.startswith("aiohttp")), key=lambda c: c.rate)
+            out.append(
+                f"The wire's limit (wrk) is {wrk.rate / aio.rate:.1f}x the best aiohttp sender in this run: "
+                f"no sender can be more than that many times faster than aiohttp here."
+            )
+    if latency:
+        out += ["", "### Latency: notify() to the receiver's response", ""]
+        out.append(
+            "From the notifier's own notify-to-2xx histogram (buckets ~19% wide, midpoints), nginx as the receiver; "
+            f"medians of {args.reps} runs. Idle: one event at a time (notify, flush). 50% load: a paced "
+            "producer at half this run's blueprint_notify rate for a few seconds."
+        )
+        out += ["", "| load | events | rate/s | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
+        for label, r in latency.items():
+            out.append(f"| {label} | {r['events']:,.0f} | {r['rate']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")
+            key = "idle" if label == "idle" else "half"
+            headline[f"latency_{key}_p50_ms"] = r["p50_ms"]
+            headline[f"latency_{key}_p99_ms"] = r["p99_ms"]
+    markdown = "\n".join(out) + "\n"
+    print(markdown)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"case": "delivery", "markdown": markdown, "headline": headline}, indent=1))
     return 0
 
 

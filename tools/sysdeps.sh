@@ -8,6 +8,8 @@
 #   libsqlite3-dev                               the durable store (SQLite)
 #   gcc                                          the C compiler
 #   python3-dev python3-venv                     only for the system python3
+#   nginx-light wrk valgrind                     with --bench: make bench's receiver, the
+#                                                wire's limit, the instruction counts
 #   chromium                                     the browser test (tests/test_browser.py,
 #                                                Playwright drives /usr/bin/chromium)
 # chromium is only for that test, which skips without it outside CI: when it
@@ -40,6 +42,12 @@ fi
 
 can_apt=0
 [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1 && can_apt=1
+# --bench: what `make bench` starts and measures with.
+if [[ ${1:-} == --bench ]]; then
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+    command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+fi
 if [[ ! -x ${BPN_CHROMIUM:-/usr/bin/chromium} ]]; then
     if [[ $can_apt -eq 1 ]]; then
         missing+=(chromium)
