@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,9 @@ class JobStatus(str, enum.Enum):
 _TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 _CODES = {status: i for i, status in enumerate(JobStatus)}
 _BY_CODE = list(JobStatus)
+# '{"status":"<value>"' per status: the hot path formats the rest with an
+# f-string (JobStatus.value is a Python-level property, slow in a loop).
+_JSON_HEAD = {status: f'{{"status":"{status.value}"' for status in JobStatus}
 
 
 def _utf8_ok(text: str) -> bool:
@@ -50,6 +55,13 @@ def _utf8_ok(text: str) -> bool:
 
 def _now() -> int:
     return int(time.time())
+
+
+# The default of JobEvent.__init__'s timestamp: the marker the generated
+# __init__ of a dataclass uses for a default_factory (its repr is <factory>,
+# so the signature reads as before).
+_FACTORY: Any = getattr(dataclasses, "_HAS_DEFAULT_FACTORY", object())
+_set = object.__setattr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +79,36 @@ class JobEvent:
     result: Any = None
     error: str | None = None
     timestamp: int = field(default_factory=_now)
+
+    # Written out rather than generated: events are made in hot loops. Same
+    # signature and behaviour: __post_init__ still does every check and
+    # conversion, and is skipped only for a JobEvent (not a subclass) whose
+    # fields are already of the checked types and ranges.
+    def __init__(
+        self,
+        status: JobStatus,
+        progress: int | None = None,
+        result: Any = None,
+        error: str | None = None,
+        timestamp: int = _FACTORY,
+    ) -> None:
+        if timestamp is _FACTORY:
+            timestamp = _now()
+        _set(self, "status", status)
+        _set(self, "progress", progress)
+        _set(self, "result", result)
+        _set(self, "error", error)
+        _set(self, "timestamp", timestamp)
+        if (
+            type(self) is JobEvent
+            and type(status) is JobStatus
+            and type(timestamp) is int
+            and timestamp >= 0
+            and (progress is None or (type(progress) is int and 0 <= progress <= 100))
+            and (error is None or type(error) is str)
+        ):
+            return
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         status = self.status
@@ -111,6 +153,10 @@ class JobEvent:
     def to_json(self) -> str:
         """Compact JSON (the bytes sent are its UTF-8). TypeError if the
         result cannot be serialised."""
+        if self.result is None and self.error is None:  # the common case, fast
+            if self.progress is None:
+                return f'{_JSON_HEAD[self.status]},"timestamp":{self.timestamp}}}'
+            return f'{_JSON_HEAD[self.status]},"progress":{self.progress},"timestamp":{self.timestamp}}}'
         parts = ['{"status":"', self.status.value, '"']
         if self.progress is not None:
             parts += [',"progress":', str(self.progress)]
@@ -127,6 +173,11 @@ class JobEvent:
     def _json_bytes(self) -> bytes:
         """to_json() as the UTF-8 bytes sent; ValueError naming the field
         that holds a lone surrogate (no UTF-8 form)."""
+        if type(self) is JobEvent and self.result is None and self.error is None:
+            # to_json()'s fast case, inlined: plain ASCII, always encodable.
+            if self.progress is None:
+                return f'{_JSON_HEAD[self.status]},"timestamp":{self.timestamp}}}'.encode()
+            return f'{_JSON_HEAD[self.status]},"progress":{self.progress},"timestamp":{self.timestamp}}}'.encode()
         text = self.to_json()
         try:
             return text.encode("utf-8")
@@ -152,6 +203,30 @@ class JobEvent:
     def from_json(cls, data: str | bytes) -> JobEvent:
         """Parses the JSON form of an event."""
         return cls.from_dict(json.loads(data))
+
+
+JobEvent.__init__.__annotations__["return"] = None  # as the generated one's
+
+
+
+# The JSON of an event without result and error, exactly as to_json() writes
+# it (JSON integers: no leading zeros, no sign).
+_SIMPLE_JSON = re.compile(
+    rb'\{"status":"([a-z]+)"(?:,"progress":(0|[1-9][0-9]*))?,"timestamp":(0|[1-9][0-9]*)\}'
+).fullmatch
+_STATUS_BY_BYTES = {status.value.encode(): status for status in JobStatus}
+
+
+def _decode(data: bytes) -> JobEvent:
+    """JobEvent.from_json(data) for the JSON of a published event (same
+    result, same errors); without json.loads for the common shape."""
+    m = _SIMPLE_JSON(data)
+    if m is not None:
+        name, progress, timestamp = m.groups()
+        status = _STATUS_BY_BYTES.get(name)
+        if status is not None:  # else from_json raises the usual ValueError
+            return JobEvent(status, None if progress is None else int(progress), None, None, int(timestamp))
+    return JobEvent.from_json(data)
 
 
 @dataclass(frozen=True, slots=True)

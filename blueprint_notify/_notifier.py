@@ -17,8 +17,8 @@ from typing import Any
 
 from . import _core
 from ._config import _SCHEMES, NotifierConfig, standard_key
-from ._events import Attempt, FailedDelivery, JobEvent
-from ._subscription import Subscription, _LoopHub
+from ._events import _CODES, _JSON_HEAD, Attempt, FailedDelivery, JobEvent
+from ._subscription import _MEMO_GENERATION, Subscription, _EventMemo, _LoopHub
 
 __all__ = ["JobNotifier"]
 
@@ -86,6 +86,10 @@ class JobNotifier:
         self._secrets: list[tuple[str, float]] = [(config.signing_secret, 0.0)]
         self._hubs: dict[asyncio.AbstractEventLoop, _LoopHub] = {}
         self._hubs_lock = threading.Lock()
+        self._memo = _EventMemo()
+        #: Live Subscription objects per job id: notify() remembers the
+        #: events of these jobs (see _EventMemo). Changed under _hubs_lock.
+        self._subscribed: dict[str, int] = {}
         _live.add(self)
 
     @property
@@ -119,15 +123,37 @@ class JobNotifier:
         secret), TypeError (wrong types, result not JSON-serialisable) or
         RuntimeError after close().
         """
-        if type(event) is not JobEvent and not isinstance(event, JobEvent):
+        exact = type(event) is JobEvent
+        if not exact and not isinstance(event, JobEvent):
             raise TypeError(f"event must be a JobEvent, not {type(event).__name__}")
         if webhook_url is not None and not self._secret:
             raise ValueError(
                 "webhook_url given but signing_secret is empty: webhooks cannot be "
                 "signed (set NotifierConfig.signing_secret)"
             )
-        body = event._json_bytes()
-        self._engine.notify(job_id, event.status._code, body, webhook_url)
+        status = event.status
+        if exact and event.result is None and event.error is None:
+            # JobEvent._json_bytes()'s fast case, inlined (same bytes).
+            progress = event.progress
+            if progress is None:
+                body = f'{_JSON_HEAD[status]},"timestamp":{event.timestamp}}}'.encode()
+            else:
+                body = f'{_JSON_HEAD[status]},"progress":{progress},"timestamp":{event.timestamp}}}'.encode()
+            seq = self._engine.notify(job_id, _CODES[status], body, webhook_url)
+        else:
+            body = event._json_bytes()
+            self._engine.notify(job_id, _CODES[status], body, webhook_url)
+            return
+        # Published to a job with Subscriptions: remember the event so that
+        # they hand out this immutable object instead of decoding the JSON
+        # again (see _EventMemo).
+        if seq and self._subscribed and job_id in self._subscribed:
+            memo = self._memo
+            recent = memo.recent
+            recent[body] = event
+            if len(recent) >= _MEMO_GENERATION:
+                memo.older = recent
+                memo.recent = {}
 
     def subscribe(self, job_id: str, *, last_event_id: int | None = None) -> Subscription:
         """Subscribes the running event loop to the job's events: those
@@ -170,6 +196,20 @@ class JobNotifier:
         with self._hubs_lock:
             if self._hubs.get(hub.loop) is hub:
                 del self._hubs[hub.loop]
+
+    def _watch_job(self, job_id: str) -> None:
+        with self._hubs_lock:
+            self._subscribed[job_id] = self._subscribed.get(job_id, 0) + 1
+
+    def _unwatch_job(self, job_id: str) -> None:
+        with self._hubs_lock:
+            left = self._subscribed.get(job_id, 0) - 1
+            if left > 0:
+                self._subscribed[job_id] = left
+            else:
+                self._subscribed.pop(job_id, None)
+                if not self._subscribed:  # nobody left to hand remembered events to
+                    self._memo.clear()
 
     # -- delivery state ----------------------------------------------------------
     def dead_letters(self) -> list[FailedDelivery]:

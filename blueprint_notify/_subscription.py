@@ -15,7 +15,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _core
-from ._events import JobEvent
+from ._events import JobEvent, _decode
 
 if TYPE_CHECKING:
     from ._notifier import JobNotifier
@@ -25,6 +25,35 @@ __all__ = ["Subscription", "SubscriptionLagged", "SubscriptionClosed"]
 logger = logging.getLogger("blueprint_notify")
 
 _PULL_BATCH = 256
+# Entries per generation of the notifier's _EventMemo: it remembers between
+# _MEMO_GENERATION and twice that many of the latest events published.
+_MEMO_GENERATION = 4096
+
+
+class _EventMemo:
+    """The events ``notify()`` published lately, by their JSON bytes.
+
+    Only events that are a JobEvent exactly, without ``result`` (which could
+    be mutable) and without ``error``, are remembered: for those, equal JSON
+    bytes mean an equal, immutable (frozen) JobEvent. A subscription that
+    pulls such bytes returns the remembered object instead of decoding them
+    again, which saves a ``json.loads`` and a validation per event and per
+    subscriber. Anything else is decoded as before. Two generations of dicts
+    keep it bounded without per-entry bookkeeping; notify() fills it only
+    for jobs with a live Subscription (not for SSE streams, which send the
+    frames as they are), a job's only Subscription takes the entries out as
+    it reads them, and it is emptied when the last Subscription closes.
+    """
+
+    __slots__ = ("recent", "older")
+
+    def __init__(self) -> None:
+        self.recent: dict[bytes, JobEvent] = {}
+        self.older: dict[bytes, JobEvent] = {}
+
+    def clear(self) -> None:
+        self.recent = {}
+        self.older = {}
 
 
 class SubscriptionLagged(Exception):
@@ -108,6 +137,11 @@ def _on_ready_for(sub: Subscription) -> Any:
     return on_ready
 
 
+def _release_later(hub: _LoopHub, job_id: str) -> None:
+    hub.notifier._unwatch_job(job_id)
+    hub.release()
+
+
 class Subscription:
     """Live events of one job, for one asyncio consumer.
 
@@ -120,15 +154,18 @@ class Subscription:
     def __init__(self, notifier: JobNotifier, job_id: str, hub: _LoopHub, *, after: int = -1) -> None:
         self._hub: _LoopHub | None = None
         self._loop = hub.loop
-        self._buf: collections.deque[JobEvent] = collections.deque()
+        #: (sequence number, event) pulled but not yet returned.
+        self._buf: collections.deque[tuple[int, JobEvent]] = collections.deque()
         self._lagged = 0
         self._ended = False
         self._waiter: asyncio.Future[None] | None = None
         self.job_id = job_id
         #: Sequence number of the last event returned (0: none yet).
         self.last_event_id = 0
-        self._seqs: collections.deque[int] = collections.deque()
+        self._memo = notifier._memo
+        self._subscribed = notifier._subscribed
         self._core = notifier._engine.subscribe(job_id, hub.waker, _on_ready_for(self), None, after)
+        notifier._watch_job(job_id)
         hub.acquire()
         self._hub = hub
 
@@ -142,9 +179,18 @@ class Subscription:
         events, skipped, ended = self._core.pull(_PULL_BATCH)
         if skipped:
             self._lagged += skipped
-        for seq, _status, data in events:
-            self._buf.append(JobEvent.from_json(data))
-            self._seqs.append(seq)
+        if events:
+            append = self._buf.append
+            memo = self._memo
+            if self._subscribed.get(self.job_id) == 1:
+                # The job's only Subscription: nobody else needs these
+                # entries, drop them now rather than keep them alive.
+                recent, older = memo.recent.pop, memo.older.pop
+            else:
+                recent, older = memo.recent.get, memo.older.get
+            for seq, _status, data in events:
+                event = recent(data, None) or older(data, None)
+                append((seq, event if event is not None else _decode(data)))
         if ended:
             self._ended = True
 
@@ -153,8 +199,8 @@ class Subscription:
             skipped, self._lagged = self._lagged, 0
             raise SubscriptionLagged(skipped)
         if self._buf:
-            self.last_event_id = self._seqs.popleft()
-            return self._buf.popleft()
+            self.last_event_id, event = self._buf.popleft()
+            return event
         return None
 
     async def get(self) -> JobEvent:
@@ -162,6 +208,10 @@ class Subscription:
         SubscriptionClosed once the subscription has ended."""
         if asyncio.get_running_loop() is not self._loop:
             raise RuntimeError("Subscription.get() called from another event loop")
+        buf = self._buf
+        if buf and not self._lagged:  # the common case: _take() inlined
+            self.last_event_id, event = buf.popleft()
+            return event
         while True:
             event = self._take()
             if event is not None:
@@ -210,6 +260,7 @@ class Subscription:
         self._ended = True
         self._core.close()
         self._wake()
+        hub.notifier._unwatch_job(self.job_id)
         hub.release()
 
     async def __aenter__(self) -> Subscription:
@@ -225,8 +276,10 @@ class Subscription:
         # Possibly on another thread (GC): release on the loop's thread.
         self._core.close()
         try:
-            hub.loop.call_soon_threadsafe(hub.release)
+            hub.loop.call_soon_threadsafe(_release_later, hub, self.job_id)
         except RuntimeError:  # loop closed: nothing to unregister from
+            # (the job stays counted in notifier._subscribed: its events keep
+            # going into the bounded memo, which costs a little, no more)
             pass
 
     def __repr__(self) -> str:

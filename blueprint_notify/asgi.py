@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 import weakref
@@ -40,6 +41,9 @@ Send = Callable[[Message], Awaitable[None]]
 _PULL_BATCH = 256
 _FROM_OLDEST = -2
 _PING = b": ping\n\n"
+_NO_HEADERS: tuple[tuple[bytes, bytes], ...] = ()
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+_MAX_TICK = 0.25
 
 _live_apps: weakref.WeakSet[SSEApp] = weakref.WeakSet()
 
@@ -57,7 +61,10 @@ def sse_app(
 ) -> SSEApp:
     """Returns the ASGI app serving ``GET {prefix}/{job_id}/events``.
 
-    - ``ping_interval``: seconds between ``: ping`` comments on an idle stream.
+    - ``ping_interval``: seconds between ``: ping`` comments on an idle stream
+      (a ping, like the end of ``max_stream_secs``, may come up to
+      ``ping_interval / 20``, at most 0.25 s, late: one timer per event loop
+      serves every stream).
     - ``retry_ms``: the reconnection delay sent to clients (``retry:`` field).
     - ``send_timeout``: a client that does not take a frame within this many
       seconds is cut off.
@@ -123,6 +130,9 @@ class SSEApp:
         self.prefix = prefix
         self.allow_origins = frozenset(allow_origins)
         self._streams: set[_Stream] = set()
+        self._tickers: dict[asyncio.AbstractEventLoop, _Ticker] = {}
+        # Pings and max_stream_secs are at most a tick late.
+        self._tick = min(_MAX_TICK, self.ping_interval / 20, (max_stream_secs or _MAX_TICK) / 20)
         _live_apps.add(self)
         _hook_uvicorn_shutdown()
 
@@ -147,10 +157,19 @@ class SSEApp:
             if kind == "websocket":
                 await send({"type": "websocket.close", "code": 1003})
             return
+        # The request is parsed in a frame of its own: nothing of it (headers
+        # dict, query) stays alive for the life of the stream.
+        stream = await self._accept(scope, send)
+        if stream is not None:
+            await stream.run(receive, send)
+
+    async def _accept(self, scope: Scope, send: Send) -> _Stream | None:
+        """Routes and checks the request; the stream to serve, or None once
+        an error response was sent."""
         job_id = self._route(scope)
         if job_id is None:
             await _respond(send, 404, {"error": "not found"})
-            return
+            return None
         headers = _headers(scope)
         cors = self._cors_headers(headers)
         method = scope["method"]
@@ -166,17 +185,17 @@ class SSEApp:
                     (b"access-control-max-age", b"600"),
                 ],
             )
-            return
+            return None
         if method != "GET":
             await _respond(send, 405, {"error": "method not allowed"}, [(b"allow", b"GET")] + cors)
-            return
+            return None
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         token = _bearer(headers.get("authorization")) or _first(query.get("token"))
         if not token:
             await _respond(
                 send, 401, {"error": "missing bearer token"}, [(b"www-authenticate", b"Bearer")] + cors
             )
-            return
+            return None
         raw_id = headers.get("last-event-id") or _first(query.get("last_event_id"))
         after = _FROM_OLDEST
         if raw_id:
@@ -184,13 +203,19 @@ class SSEApp:
             # ASCII digits only (str.isdigit accepts '²' and '١'), below 2**63.
             if not (raw_id.isascii() and raw_id.isdigit() and len(raw_id) <= 19 and int(raw_id) < 2**63):
                 await _respond(send, 400, {"error": "invalid Last-Event-ID"}, cors)
-                return
+                return None
             after = int(raw_id)
         if self.max_streams is not None and len(self._streams) >= self.max_streams:
             await _respond(send, 503, {"error": "too many streams"}, [(b"retry-after", b"5")] + cors)
-            return
+            return None
         _hook_uvicorn_shutdown()
-        await _Stream(self, job_id, token, after, cors).run(receive, send)
+        return _Stream(self, job_id, token, after, cors)
+
+    def _ticker(self, loop: asyncio.AbstractEventLoop) -> _Ticker:
+        ticker = self._tickers.get(loop)
+        if ticker is None:
+            ticker = self._tickers[loop] = _Ticker(self, loop)
+        return ticker
 
     # -- helpers ---------------------------------------------------------------
     def _route(self, scope: Scope) -> str | None:
@@ -226,22 +251,62 @@ class SSEApp:
 
 
 class _Stream:
-    """One client's event stream."""
+    """One client's event stream.
+
+    An idle stream holds little: this object, one coroutine (``run``), a
+    subscriber, one future (``ready``), a place in its loop's ``_Ticker``
+    (the next ping or the end of ``max_stream_secs``; kept, not moved, when
+    an event is sent) and a task awaiting the server's ``receive()``
+    (``http.disconnect``). ``ready`` is completed by whatever needs the
+    stream: an event (``on_ready`` from the loop's waker), the ticker, the
+    client leaving, or ``end()``.
+    """
+
+    __slots__ = (
+        "app", "job_id", "token", "after", "cors", "loop", "ready", "ended",
+        "slot", "ping_at", "receive", "listener", "disconnected",
+    )  # fmt: skip
 
     def __init__(self, app: SSEApp, job_id: str, token: str, after: int, cors: list[tuple[bytes, bytes]]) -> None:
         self.app = app
         self.job_id = job_id
-        self.token = token
+        self.token: str | None = token
         self.after = after
-        self.cors = cors
+        self.cors = cors or _NO_HEADERS
         self.loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] | None = None
         self.ended = False
+        self.slot: int | None = None  # in the loop's _Ticker, while there
+        self.ping_at = 0.0
+        self.receive: Receive | None = None
+        self.listener: asyncio.Future[Message] | None = None
+        self.disconnected = False
 
     def _wake(self) -> None:
         ready = self.ready
         if ready is not None and not ready.done():
             ready.set_result(None)
+
+    def _on_tick(self) -> None:
+        self.slot = None
+        self._wake()
+
+    def _listen(self) -> None:
+        """Awaits the next request message in a task of its own (the
+        stream's task waits for events meanwhile)."""
+        assert self.receive is not None
+        self.listener = listener = asyncio.ensure_future(self.receive())
+        listener.add_done_callback(self._on_message)
+
+    def _on_message(self, listener: asyncio.Future[Message]) -> None:
+        if listener is not self.listener or listener.cancelled():
+            return  # the stream is over
+        if listener.exception() is None and listener.result()["type"] != "http.disconnect":
+            self._listen()  # the request's body: not ours to read, go on
+            return
+        # http.disconnect, or the server's receive() failed: the client is gone.
+        self.disconnected = True
+        self._wake()
 
     def end(self) -> None:
         """Ends the stream; any thread."""
@@ -258,111 +323,117 @@ class _Stream:
     async def run(self, receive: Receive, send: Send) -> None:
         app = self.app
         notifier = app.notifier
-        hub = notifier._hub_for(self.loop)
+        loop = self.loop
+        hub = notifier._hub_for(loop)
         hub.acquire()
         sub = None
         try:
-            ref = weakref.ref(self)
-
-            def on_ready() -> None:
-                stream = ref()
-                if stream is not None:
-                    stream._wake()
-
+            token, self.token = self.token, None
             try:
-                sub = notifier._engine.subscribe(self.job_id, hub.waker, on_ready, self.token, self.after)
+                # The subscriber holds _wake (and so this stream) strongly;
+                # only this frame holds the subscriber, and closes it.
+                sub = notifier._engine.subscribe(self.job_id, hub.waker, self._wake, token, self.after)
             except (PermissionError, ValueError):
-                await _respond(send, 403, {"error": "forbidden"}, self.cors)
+                await _respond(send, 403, {"error": "forbidden"}, list(self.cors))
                 return
             except RuntimeError:  # notifier closed (ChannelLimitError cannot happen here)
-                await _respond(send, 503, {"error": "notifier closed"}, [(b"retry-after", b"5")] + self.cors)
+                await _respond(send, 503, {"error": "notifier closed"}, [(b"retry-after", b"5"), *self.cors])
                 return
+            del token
             frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
             if ended and not frames and not skipped:
                 # Resumed after the terminal event: nothing will ever follow.
                 # 204 tells EventSource to stop reconnecting.
-                await _respond(send, 204, None, self.cors)
+                await _respond(send, 204, None, list(self.cors))
                 return
             app._streams.add(self)
             try:
-                await self._serve(sub, frames, skipped, ended, receive, send)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-store"),
+                            (b"x-accel-buffering", b"no"),
+                            *self.cors,
+                        ],
+                    }
+                )
+                out = b"retry: %d\n\n" % app.retry_ms
+                self.receive = receive
+                self._listen()
+                ping_interval = app.ping_interval
+                deadline = None if app.max_stream_secs is None else time.monotonic() + app.max_stream_secs
+                while True:
+                    if skipped:
+                        out += b'event: error\ndata: {"error":"lagged","skipped":%d}\n\n' % skipped
+                    out += frames
+                    if out:
+                        if not await self._send(send, out):
+                            return
+                        out = b""
+                        self.ping_at = time.monotonic() + ping_interval
+                    if ended or self.ended:
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break  # a busy stream ends on time too
+                    # Pull after every send: a wake-up during it found no waiter.
+                    frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
+                    if frames or skipped or ended:
+                        continue
+                    # Idle: wait for events, a ping, the deadline or the client.
+                    due = self.ping_at if deadline is None else min(self.ping_at, deadline)
+                    now = time.monotonic()
+                    if now < due:
+                        if self.slot is None:
+                            # For the earliest thing due. A slot taken before
+                            # a send moved the ping wakes the stream once for
+                            # nothing, and it takes a new one.
+                            self.slot = app._ticker(loop).add(self, due)
+                        self.ready = ready = loop.create_future()
+                        try:
+                            await ready
+                        finally:
+                            self.ready = None
+                        if self.disconnected:
+                            return
+                        if self.ended:
+                            break
+                        now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        break
+                    frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
+                    if now >= self.ping_at and not (frames or skipped or ended):
+                        out = _PING
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             finally:
                 app._streams.discard(self)
+                if self.slot is not None:
+                    self.slot = None
+                    app._ticker(loop).leave()
+                listener, self.listener = self.listener, None
+                if listener is not None:
+                    listener.cancel()
+                self.receive = None
         finally:
             if sub is not None:
                 sub.close()
             hub.release()
 
-    async def _serve(
-        self, sub: Any, frames: bytes, skipped: int, ended: bool, receive: Receive, send: Send
-    ) -> None:
-        app = self.app
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-store"),
-                    (b"x-accel-buffering", b"no"),
-                    *self.cors,
-                ],
-            }
-        )
-        out = b"retry: %d\n\n" % app.retry_ms
-        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
-        deadline = None if app.max_stream_secs is None else time.monotonic() + app.max_stream_secs
-        try:
-            while True:
-                if skipped:
-                    out += b'event: error\ndata: {"error":"lagged","skipped":%d}\n\n' % skipped
-                out += frames
-                if out:
-                    if not await self._send(send, out, disconnect):
-                        return
-                    out = b""
-                if ended or self.ended:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break  # a busy stream ends on time too
-                # Pull after every send: a wake-up during it found no waiter.
-                frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
-                if frames or skipped or ended:
-                    continue
-                # Idle: wait for events, a ping, the deadline or the client.
-                timeout = app.ping_interval
-                if deadline is not None:
-                    timeout = min(timeout, deadline - time.monotonic())
-                    if timeout <= 0:
-                        break
-                self.ready = ready = self.loop.create_future()
-                try:
-                    await asyncio.wait((ready, disconnect), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    self.ready = None
-                    ready.cancel()
-                if disconnect.done():
-                    return
-                if self.ended:
-                    break
-                if not ready.done() or ready.cancelled():  # timed out
-                    if deadline is not None and time.monotonic() >= deadline:
-                        break
-                    out = _PING
-                frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            disconnect.cancel()
-
-    async def _send(self, send: Send, body: bytes, disconnect: asyncio.Future[None]) -> bool:
+    async def _send(self, send: Send, body: bytes) -> bool:
         """Sends a chunk; False if the client left or did not take it within
         send_timeout (then the stream is abandoned)."""
-        if disconnect.done():
+        if self.disconnected:
             return False
+        message = {"type": "http.response.body", "body": body, "more_body": True}
         try:
-            await asyncio.wait_for(
-                send({"type": "http.response.body", "body": body, "more_body": True}), self.app.send_timeout
-            )
+            if _timeout is not None:
+                # No task per send (wait_for makes one before Python 3.12).
+                async with _timeout(self.app.send_timeout):
+                    await send(message)
+            else:
+                await asyncio.wait_for(send(message), self.app.send_timeout)
         except asyncio.TimeoutError:
             logger.warning("SSE client of job %r too slow (send_timeout); stream cut off", self.job_id)
             return False
@@ -371,7 +442,73 @@ class _Stream:
         return True
 
 
+class _Ticker:
+    """The one timer of an app's streams on one event loop. A stream that
+    goes idle takes a slot: its next ping (or end of ``max_stream_secs``)
+    rounded up to a tick; the loop timer is armed for the earliest slot and
+    wakes the streams still in it. Leaving a slot is O(1) (the stream
+    forgets it; the slot's list drops it when it fires). Used on the loop's
+    thread only; dropped when no stream holds a slot."""
+
+    __slots__ = ("app", "loop", "tick", "slots", "count", "handle", "armed")
+
+    def __init__(self, app: SSEApp, loop: asyncio.AbstractEventLoop) -> None:
+        self.app = app
+        self.loop = loop
+        self.tick = app._tick
+        self.slots: dict[int, list[_Stream]] = {}
+        self.count = 0  # streams holding a slot
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed = 0
+
+    def add(self, stream: _Stream, due: float) -> int:
+        slot = math.ceil(due / self.tick)
+        members = self.slots.get(slot)
+        if members is None:
+            self.slots[slot] = [stream]
+        else:
+            members.append(stream)
+        self.count += 1
+        if self.handle is None or slot < self.armed:
+            self._arm(slot, time.monotonic())
+        return slot
+
+    def leave(self) -> None:
+        """A stream gave its slot up (and set its ``slot`` to None)."""
+        self.count -= 1
+        if not self.count:
+            self._drop()
+
+    def _arm(self, slot: int, now: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.armed = slot
+        self.handle = self.loop.call_later(max(0.0, slot * self.tick - now), self._fire)
+
+    def _drop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.slots.clear()
+        if self.app._tickers.get(self.loop) is self:
+            del self.app._tickers[self.loop]
+
+    def _fire(self) -> None:
+        self.handle = None
+        now = time.monotonic()
+        for slot in sorted(s for s in self.slots if s * self.tick <= now):
+            for stream in self.slots.pop(slot):
+                if stream.slot == slot:
+                    self.count -= 1
+                    stream._on_tick()
+        if not self.count:
+            self._drop()
+        elif self.slots:
+            self._arm(min(self.slots), now)  # also when the loop woke us early
+
+
 async def _wait_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (used by the demo's feed)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -52,10 +52,12 @@ def listen(
         return Response(200)
 
     with WebhookReceiver(None, host=host, port=port, handler=handler) as receiver:
-        print(f"blueprint-notify listening on {receiver.url} (Ctrl-C to stop)", file=stream, flush=True)
         previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         if previous is not None:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Announced once SIGTERM stops it cleanly (a supervisor may send it
+        # as soon as it sees this line).
+        print(f"blueprint-notify listening on {receiver.url} (Ctrl-C to stop)", file=stream, flush=True)
         try:
             while not stop.wait(0.5):
                 pass

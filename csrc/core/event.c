@@ -90,14 +90,31 @@ bpn_event *bpn_event_from_payload(const char *payload, size_t len) {
     return ev;
 }
 
+/* Appends s (n bytes) at p; returns the end. */
+static char *put(char *p, const char *s, size_t n) {
+    memcpy(p, s, n);
+    return p + n;
+}
+
 void bpn_event_set_seq(bpn_event *ev, uint64_t seq) {
-    /* The JSON is compact (no raw newlines), so one data: line carries it. */
-    int n = snprintf(ev->frame, FRAME_OVERHEAD,
-                     "id: %llu\nevent: %s\ndata: ", (unsigned long long)seq,
-                     bpn_status_names[ev->status]);
-    memcpy(ev->frame + n, ev->json, ev->json_len);
-    memcpy(ev->frame + n + ev->json_len, "\n\n", 2);
-    ev->frame_len = (size_t)n + ev->json_len + 2;
+    /* Hand-formatted (snprintf was half of notify()'s native cost). The
+     * JSON is compact (no raw newlines), so one data: line carries it. */
+    char digits[20], *p = ev->frame;
+    size_t nd = 0;
+    uint64_t v = seq;
+    do {
+        digits[sizeof(digits) - ++nd] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    const char *name = bpn_status_names[ev->status];
+    p = put(p, "id: ", 4);
+    p = put(p, digits + sizeof(digits) - nd, nd);
+    p = put(p, "\nevent: ", 8);
+    p = put(p, name, strlen(name));
+    p = put(p, "\ndata: ", 7);
+    p = put(p, ev->json, ev->json_len);
+    p = put(p, "\n\n", 2);
+    ev->frame_len = (size_t)(p - ev->frame);
     ev->seq = seq;
 }
 
