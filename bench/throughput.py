@@ -785,7 +785,7 @@ def main() -> int:
                 key = "vs_wrk"
             if key:
                 headline[key] = bpn.rate / c.rate
-                ratios.append(f"{bpn.rate / c.rate:.2f}x {c.name.split(' ')[0] if c is not wrk else 'wrk'}")
+                ratios.append(f"{bpn.rate / c.rate:.2f}x {c.name if c is not wrk else 'wrk'}")
             if c.name.startswith("blueprint_notify + store"):
                 mode = c.name.rsplit(" ", 1)[-1]
                 headline[f"store_{mode}_vs_memory"] = c.rate / bpn.rate
