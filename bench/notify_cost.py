@@ -399,7 +399,7 @@ def parse_callgrind(path: Path) -> Costs:
                     cfn = name
             elif line.startswith("calls="):
                 after_calls = True
-                call_target_is_notify = cfn == "Engine_notify"
+                call_target_is_notify = cfn in ("Engine_notify", "Engine_notify_plain")
             elif line.startswith(("summary:", "totals:")):
                 total = max(total, int(line.split()[1]))
     return Costs(total, c_incl, core_self)
@@ -436,7 +436,7 @@ def callgrind(n: int, python: str) -> tuple[str, int | None]:
     line = (
         f"callgrind: **{per:,} instructions per notify() call** (Python + C; (Ir(2N) − Ir(N)) / N, "
         f"N = {n:,}, SSE-only, one channel, no subscriber), of which {c_incl:,} "
-        f"({c_incl / per:.0%}) inside `Engine.notify` (C: binding, core, libc) and "
+        f"({c_incl / per:.0%}) inside `Engine.notify`/`notify_plain` (C: binding, core, libc) and "
         f"{core:,} ({core / per:.0%}) in `_core.so` itself; the rest is the Python side "
         f"(`JobNotifier.notify`, `JobEvent` to JSON)."
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _core
 from ._config import _SCHEMES, NotifierConfig, standard_key
-from ._events import _CODES, _JSON_HEAD, Attempt, FailedDelivery, JobEvent
+from ._events import _CODES, Attempt, FailedDelivery, JobEvent
 from ._subscription import _MEMO_GENERATION, Subscription, _EventMemo, _LoopHub
 
 __all__ = ["JobNotifier"]
@@ -131,29 +131,27 @@ class JobNotifier:
                 "webhook_url given but signing_secret is empty: webhooks cannot be "
                 "signed (set NotifierConfig.signing_secret)"
             )
-        status = event.status
-        if exact and event.result is None and event.error is None:
-            # JobEvent._json_bytes()'s fast case, inlined (same bytes).
-            progress = event.progress
-            if progress is None:
-                body = f'{_JSON_HEAD[status]},"timestamp":{event.timestamp}}}'.encode()
-            else:
-                body = f'{_JSON_HEAD[status]},"progress":{progress},"timestamp":{event.timestamp}}}'.encode()
-            seq = self._engine.notify(job_id, _CODES[status], body, webhook_url)
-        else:
-            body = event._json_bytes()
-            self._engine.notify(job_id, _CODES[status], body, webhook_url)
-            return
-        # Published to a job with Subscriptions: remember the event so that
-        # they hand out this immutable object instead of decoding the JSON
-        # again (see _EventMemo).
-        if seq and self._subscribed and job_id in self._subscribed:
-            memo = self._memo
-            recent = memo.recent
-            recent[body] = event
-            if len(recent) >= _MEMO_GENERATION:
-                memo.older = recent
-                memo.recent = {}
+        if exact:
+            # A plain event (no result, no error) is encoded by the engine
+            # itself; None means it is not plain. For a job with
+            # Subscriptions, remember the event by its JSON so that they
+            # hand out this immutable object instead of decoding the JSON
+            # again (see _EventMemo).
+            subscribed = self._subscribed
+            want = bool(subscribed) and type(job_id) is str and job_id in subscribed
+            done = self._engine.notify_plain(job_id, event, webhook_url, want)
+            if done is not None:
+                if want:
+                    seq, body = done
+                    if seq:
+                        memo = self._memo
+                        recent = memo.recent
+                        recent[body] = event
+                        if len(recent) >= _MEMO_GENERATION:
+                            memo.older = recent
+                            memo.recent = {}
+                return
+        self._engine.notify(job_id, _CODES[event.status], event._json_bytes(), webhook_url)
 
     def subscribe(self, job_id: str, *, last_event_id: int | None = None) -> Subscription:
         """Subscribes the running event loop to the job's events: those

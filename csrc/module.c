@@ -26,6 +26,9 @@ typedef struct {
     PyObject *channel_limit_error;
     PyObject *store_error;
     PyObject *store_locked_error;
+    /* JobEvent's field names, interned (notify_plain reads them). */
+    PyObject *str_status, *str_progress, *str_result, *str_error,
+        *str_timestamp;
 } module_state;
 
 static struct PyModuleDef core_module;
@@ -398,17 +401,51 @@ static PyObject *Engine_validate_job_token(PyObject *op, PyObject *const *args,
     return PyBool_FromLong(ok);
 }
 
+/* Publishes an event whose JSON is ready and, with a URL (None or str),
+ * queues its webhook; in sync durability, returns once it is on disk.
+ * Returns 0 with *seq set, or -1 with an exception. */
+static int publish(EngineObject *self, PyObject *job, int status,
+                   const char *json, size_t json_len, PyObject *url_obj,
+                   uint64_t *seq) {
+    const char *id, *url = NULL;
+    Py_ssize_t len, url_len = 0;
+    char origin[BPN_ORIGIN_MAX], err[ERRLEN];
+    uint64_t delivery = 0;
+    if (get_job_id(job, &id, &len) < 0) return -1;
+    if (url_obj != Py_None) {
+        if (get_str(url_obj, "webhook_url", &url, &url_len) < 0) return -1;
+        if (bpn_url_check(url, (size_t)url_len, origin, err, sizeof(err)) < 0) {
+            PyErr_Format(PyExc_ValueError, "webhook_url %s: %R", err, url_obj);
+            return -1;
+        }
+    }
+    int rc = bpn_engine_notify(self->e, id, (size_t)len, status, json, json_len,
+                               url, (size_t)url_len, origin, seq, &delivery);
+    if (rc != BPN_OK) {
+        raise_core_error(rc, Py_TYPE(self));
+        return -1;
+    }
+    if (delivery && bpn_delivery_sync_store(self->e->delivery)) {
+        /* Sync durability: return once the delivery is on disk. */
+        int ok = 0;
+        while (!ok) {
+            Py_BEGIN_ALLOW_THREADS
+                ok = bpn_delivery_wait_stored(self->e->delivery, delivery,
+                                              WAIT_SLICE_MS);
+            Py_END_ALLOW_THREADS
+            if (!ok && PyErr_CheckSignals() < 0) return -1;
+        }
+    }
+    pump_logs(self);
+    return 0;
+}
+
 /* notify(job_id, status, event_json, webhook_url) -> seq */
 static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
                                Py_ssize_t nargs) {
     REQUIRE_USABLE(ENGINE_CAST(op));
-    EngineObject *self = ENGINE_CAST(op);
-    const char *id, *url = NULL;
-    Py_ssize_t len, url_len = 0;
-    char origin[BPN_ORIGIN_MAX], err[ERRLEN];
-    uint64_t seq = 0, delivery = 0;
+    uint64_t seq = 0;
     if (!check_nargs("notify", nargs, 4, 4)) return NULL;
-    if (get_job_id(args[0], &id, &len) < 0) return NULL;
     long status = PyLong_AsLong(args[1]);
     if (status == -1 && PyErr_Occurred()) return NULL;
     if (status < 0 || status >= BPN_STATUS_COUNT) {
@@ -419,31 +456,100 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "event_json must be bytes");
         return NULL;
     }
-    if (args[3] != Py_None) {
-        if (get_str(args[3], "webhook_url", &url, &url_len) < 0) return NULL;
-        if (bpn_url_check(url, (size_t)url_len, origin, err, sizeof(err)) < 0) {
-            PyErr_Format(PyExc_ValueError, "webhook_url %s: %R", err, args[3]);
-            return NULL;
-        }
-    }
-    int rc = bpn_engine_notify(self->e, id, (size_t)len, (int)status,
-                               PyBytes_AS_STRING(args[2]),
-                               (size_t)PyBytes_GET_SIZE(args[2]), url,
-                               (size_t)url_len, origin, &seq, &delivery);
-    if (rc != BPN_OK) return raise_core_error(rc, Py_TYPE(op));
-    if (delivery && bpn_delivery_sync_store(self->e->delivery)) {
-        /* Sync durability: return once the delivery is on disk. */
-        int ok = 0;
-        while (!ok) {
-            Py_BEGIN_ALLOW_THREADS
-                ok = bpn_delivery_wait_stored(self->e->delivery, delivery,
-                                              WAIT_SLICE_MS);
-            Py_END_ALLOW_THREADS
-            if (!ok && PyErr_CheckSignals() < 0) return NULL;
-        }
-    }
-    pump_logs(self);
+    if (publish(ENGINE_CAST(op), args[0], (int)status,
+                PyBytes_AS_STRING(args[2]), (size_t)PyBytes_GET_SIZE(args[2]),
+                args[3], &seq) < 0)
+        return NULL;
     return PyLong_FromUnsignedLongLong(seq);
+}
+
+/* Writes v in decimal at p; returns the end. */
+static char *put_u64(char *p, uint64_t v) {
+    char digits[20];
+    size_t n = 0;
+    do {
+        digits[sizeof(digits) - ++n] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    memcpy(p, digits + sizeof(digits) - n, n);
+    return p + n;
+}
+
+/* Reads an int field of a plain event: None (*has = 0) or an exact int in
+ * [0, max]. Returns 0, or 1 when the field is not plain (borrowed o). */
+static int plain_int(PyObject *o, unsigned long long max, int *has,
+                     unsigned long long *v) {
+    *has = 0;
+    if (o == Py_None) return 0;
+    if (!PyLong_CheckExact(o)) return 1;
+    *v = PyLong_AsUnsignedLongLong(o);
+    if (*v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 1;
+    }
+    *has = 1;
+    return *v > max;
+}
+
+/* notify_plain(job_id, event, webhook_url, want_body) -> seq, (seq, body)
+ * with want_body, or None when the event is not plain (a result or an
+ * error, or fields of other types): the caller then encodes it itself. The
+ * JSON is JobEvent.to_json()'s, formatted here. */
+static PyObject *Engine_notify_plain(PyObject *op, PyObject *const *args,
+                                     Py_ssize_t nargs) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
+    module_state *st = state_of_type(Py_TYPE(op));
+    PyObject *f[5] = {NULL, NULL, NULL, NULL, NULL}, *result = NULL;
+    char json[96], *p = json;
+    uint64_t seq = 0;
+    int status = -1, has_progress, has_ts;
+    unsigned long long progress = 0, ts = 0;
+    if (!st || !check_nargs("notify_plain", nargs, 4, 4)) return NULL;
+    PyObject *names[5] = {st->str_status, st->str_progress, st->str_result,
+                          st->str_error, st->str_timestamp};
+    for (int i = 0; i < 5; i++)
+        if (!(f[i] = PyObject_GetAttr(args[1], names[i]))) goto exit;
+    if (f[2] != Py_None || f[3] != Py_None || !PyUnicode_Check(f[0]) ||
+        plain_int(f[1], 100, &has_progress, &progress) ||
+        plain_int(f[4], (unsigned long long)INT64_MAX, &has_ts, &ts) ||
+        !has_ts) {
+        result = Py_NewRef(Py_None);
+        goto exit;
+    }
+    Py_ssize_t nlen;
+    const char *name = PyUnicode_AsUTF8AndSize(f[0], &nlen);
+    if (!name) goto exit;
+    for (int i = 0; i < BPN_STATUS_COUNT; i++)
+        if ((size_t)nlen == strlen(bpn_status_names[i]) &&
+            memcmp(name, bpn_status_names[i], (size_t)nlen) == 0)
+            status = i;
+    if (status < 0) {
+        result = Py_NewRef(Py_None);
+        goto exit;
+    }
+    memcpy(p, "{\"status\":\"", 11);
+    p += 11;
+    memcpy(p, name, (size_t)nlen);
+    p += nlen;
+    *p++ = '"';
+    if (has_progress) {
+        memcpy(p, ",\"progress\":", 12);
+        p = put_u64(p + 12, progress);
+    }
+    memcpy(p, ",\"timestamp\":", 13);
+    p = put_u64(p + 13, ts);
+    *p++ = '}';
+    if (publish(ENGINE_CAST(op), args[0], status, json, (size_t)(p - json),
+                args[2], &seq) < 0)
+        goto exit;
+    int want_body = PyObject_IsTrue(args[3]);
+    if (want_body < 0) goto exit;
+    result = want_body ? Py_BuildValue("(Ky#)", (unsigned long long)seq, json,
+                                       (Py_ssize_t)(p - json))
+                       : PyLong_FromUnsignedLongLong(seq);
+exit:
+    for (int i = 0; i < 5; i++) Py_XDECREF(f[i]);
+    return result;
 }
 
 static PyObject *Engine_active_channels(PyObject *op, PyObject *unused) {
@@ -810,6 +916,10 @@ static PyMethodDef Engine_methods[] = {
      "validate_job_token(job_id, token) -> bool"},
     {"notify", (PyCFunction)(void (*)(void))Engine_notify, METH_FASTCALL,
      "notify(job_id, status, event_json, webhook_url) -> seq"},
+    {"notify_plain", (PyCFunction)(void (*)(void))Engine_notify_plain,
+     METH_FASTCALL,
+     "notify_plain(job_id, event, webhook_url, want_body) -> seq, (seq, "
+     "body) or None (not a plain event)"},
     {"subscribe", (PyCFunction)(void (*)(void))Engine_subscribe, METH_FASTCALL,
      "subscribe(job_id, waker, on_ready, token=None, after=-1) -> Subscriber"},
     {"sweep", Engine_sweep, METH_NOARGS, "frees retained jobs past retention"},
@@ -1286,6 +1396,12 @@ static int core_exec(PyObject *m) {
         PyModule_AddObjectRef(m, "StoreLockedError", st->store_locked_error) <
             0)
         return -1;
+    if (!(st->str_status = PyUnicode_InternFromString("status")) ||
+        !(st->str_progress = PyUnicode_InternFromString("progress")) ||
+        !(st->str_result = PyUnicode_InternFromString("result")) ||
+        !(st->str_error = PyUnicode_InternFromString("error")) ||
+        !(st->str_timestamp = PyUnicode_InternFromString("timestamp")))
+        return -1;
     if (PyModule_AddIntConstant(m, "JOB_ID_MAX", BPN_JOB_ID_MAX) < 0) return -1;
     if (PyModule_AddIntConstant(m, "URL_MAX", BPN_URL_MAX) < 0) return -1;
     if (PyModule_AddIntConstant(m, "SCHEME_BLUEPRINT", BPN_SCHEME_BLUEPRINT) <
@@ -1304,6 +1420,11 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->channel_limit_error);
     Py_VISIT(st->store_error);
     Py_VISIT(st->store_locked_error);
+    Py_VISIT(st->str_status);
+    Py_VISIT(st->str_progress);
+    Py_VISIT(st->str_result);
+    Py_VISIT(st->str_error);
+    Py_VISIT(st->str_timestamp);
     return 0;
 }
 
@@ -1315,6 +1436,11 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->channel_limit_error);
     Py_CLEAR(st->store_error);
     Py_CLEAR(st->store_locked_error);
+    Py_CLEAR(st->str_status);
+    Py_CLEAR(st->str_progress);
+    Py_CLEAR(st->str_result);
+    Py_CLEAR(st->str_error);
+    Py_CLEAR(st->str_timestamp);
     return 0;
 }
 
