@@ -580,7 +580,7 @@ def test_delivered_rows_are_pruned_while_running(tmp_path: Path, receiver: Webho
                 gone_at = now
                 break
             seen_delivered |= rows[0]["state"] == DELIVERED
-            time.sleep(0.02)
+            time.sleep(0.02)  # poll tick of a bounded wait (no event marks the prune)
         assert gone_at is not None, "the delivered row was never pruned"
         assert gone_at - t0 >= retention, f"pruned {gone_at - t0:.3f} s after notify (< {retention})"
         assert seen_delivered, "the delivered row should have been visible before the prune"
