@@ -985,3 +985,32 @@ def test_without_a_store_close_dead_letters_leftovers(tmp_path: Path, monkeypatc
     n.clear_dead_letters()  # no store to close: allowed after close
     assert n.dead_letters() == []
     assert os.listdir(tmp_path) == [], "no file without a store_path"
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("job_id", "job\r\nX-Injected: 1"),
+        ("job_id", ""),
+        ("url", "http://127.0.0.1:1/a b"),
+        ("url", "gopher://127.0.0.1/"),
+        ("msg_id", "msg_1\r\nX-Injected: 1"),
+    ],
+)
+def test_a_damaged_row_is_refused_at_construction(tmp_path: Path, column: str, value: str) -> None:
+    """What is read back ends up in request headers and the request line:
+    a row notify() would not have accepted (a damaged or edited file) makes
+    opening fail with StoreError, before anything is sent."""
+    store = tmp_path / "damaged.db"
+    n = store_notifier(store, max_retries=100, retry_base_ms=60_000)
+    n.notify("job", JobEvent(JobStatus.COMPLETED), refused_url())
+    n.close(0)  # left pending in the store
+    con = sqlite3.connect(store)
+    try:
+        con.execute(f"UPDATE deliveries SET {column} = ?", (value,))
+        con.commit()
+    finally:
+        con.close()
+    with pytest.raises(StoreError, match=r"row 1 is damaged") as info:
+        store_notifier(store)
+    assert str(store) in str(info.value)

@@ -587,7 +587,14 @@ static int load_state(bpn_store *s, const char *sql,
         int crc = cb(arg, &row);
         if (crc != 0) {
             result = crc;
-            snprintf(err, errlen, "out of memory");
+            if (crc == BPN_ENOMEM)
+                snprintf(err, errlen, "out of memory");
+            else
+                snprintf(err, errlen,
+                         "store_path %s: row %" PRIu64
+                         " is damaged (its job id, URL or webhook-id is not "
+                         "one notify() would accept); move the file away",
+                         s->path, row.id);
             goto exit_set;
         }
     }
