@@ -5,6 +5,7 @@ order, dead letters, SSRF guard) and per-job Server-Sent Event channels read
 by asyncio subscribers.
 """
 
+from ._broker import BrokerError
 from ._config import NotifierConfig, __version__
 from ._core import ChannelLimitError, StoreError, StoreLockedError
 from ._events import Attempt, FailedDelivery, JobEvent, JobStatus
@@ -14,6 +15,7 @@ from ._verify import SignatureError, verify
 
 __all__ = [
     "Attempt",
+    "BrokerError",
     "ChannelLimitError",
     "FailedDelivery",
     "JobEvent",

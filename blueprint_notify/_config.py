@@ -6,7 +6,9 @@ import base64
 import binascii
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Union
+
+from ._broker import check_broker_url
+from typing import Any, Optional, Union
 
 __all__ = ["NotifierConfig", "standard_key"]
 
@@ -97,6 +99,19 @@ class NotifierConfig:
     #: With a store: how long delivered records are kept (seconds; 0
     #: deletes them as soon as they are delivered).
     delivered_retention_secs: float = 3600.0
+    #: Redis shared by every process serving the same jobs
+    #: ("redis://host:port/db", "rediss://...", "unix:///path"): tokens,
+    #: events and history are seen by every process (see README, Scaling
+    #: out). None: this process only.
+    broker_url: Optional[str] = None
+    #: Prefix of the broker's Redis keys and channels.
+    broker_prefix: str = "bpn"
+    #: Events held while Redis is unreachable; beyond, notify() raises
+    #: BrokerError.
+    broker_buffer: int = 100_000
+    #: How long a live job's keys stay in Redis after its last event
+    #: (a terminal event shortens it to retention_secs).
+    broker_ttl_secs: float = 86_400.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.signing_secret, str):
@@ -148,6 +163,19 @@ class NotifierConfig:
         if self.durability not in ("batched", "sync"):
             raise ValueError(f"durability must be 'batched' or 'sync', got {self.durability!r}")
         _secs_in("delivered_retention_secs", self.delivered_retention_secs, 0, 365 * 86_400)
+        if self.broker_url is not None:
+            check_broker_url(self.broker_url)
+        if not isinstance(self.broker_prefix, str):
+            raise TypeError(f"broker_prefix must be a str, not {type(self.broker_prefix).__name__}")
+        if not self.broker_prefix or len(self.broker_prefix) > 64 or not all(
+            c.isascii() and (c.isalnum() or c in "-_.:") for c in self.broker_prefix
+        ):
+            raise ValueError(
+                "broker_prefix must be 1 to 64 ASCII letters, digits or '-_.:', "
+                f"got {self.broker_prefix!r}"
+            )
+        _int_in("broker_buffer", self.broker_buffer, 1, 100_000_000)
+        _secs_in("broker_ttl_secs", self.broker_ttl_secs, 0, 365 * 86_400, open_low=True)
 
     @classmethod
     def field_names(cls) -> list[str]:

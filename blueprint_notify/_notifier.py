@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _core
+from ._broker import Broker
 from ._config import _SCHEMES, NotifierConfig, standard_key
 from ._events import _CODES, Attempt, FailedDelivery, JobEvent
 from ._subscription import _MEMO_GENERATION, Subscription, _EventMemo, _LoopHub
@@ -81,7 +82,24 @@ class JobNotifier:
             store_path=None if config.store_path is None else os.path.abspath(config.store_path),
             store_sync=config.durability == "sync",
             keep_delivered_ms=round(config.delivered_retention_secs * 1000),
+            clock_ids=config.broker_url is not None,
         )
+        #: The Redis broker (broker_url), or None: this process only.
+        self._broker: Broker | None = None
+        if config.broker_url is not None:
+            try:
+                self._broker = Broker(
+                    self._engine,
+                    url=config.broker_url,
+                    prefix=config.broker_prefix,
+                    buffer=config.broker_buffer,
+                    ttl_ms=round(config.broker_ttl_secs * 1000),
+                    retention_ms=round(config.retention_secs * 1000),
+                    capacity=config.sse_capacity,
+                )
+            except BaseException:
+                self._engine.close(0)
+                raise
         #: Live secrets, current first, with the time each stops being used.
         self._secrets: list[tuple[str, float]] = [(config.signing_secret, 0.0)]
         self._hubs: dict[asyncio.AbstractEventLoop, _LoopHub] = {}
@@ -104,13 +122,34 @@ class JobNotifier:
     def register_job(self, job_id: str) -> str:
         """Creates the job's channel and returns a fresh bearer token: 32 bytes
         from the OS CSPRNG as 64 lowercase hex chars. Registering again
-        replaces the token. Raises ChannelLimitError at max_channels."""
-        return self._engine.register_job(job_id)
+        replaces the token. Raises ChannelLimitError at max_channels.
+
+        With a broker the token's SHA-256 is stored in Redis before this
+        returns, so every process accepts it (BrokerError if Redis cannot
+        be reached within a few seconds)."""
+        token = self._engine.register_job(job_id)
+        if self._broker is not None:
+            self._broker.register_token(job_id, token)
+        return token
 
     def validate_job_token(self, job_id: str, token: str) -> bool:
         """True if the job is live and the token is its own (constant time).
-        Unknown jobs and wrong tokens are both False."""
-        return self._engine.validate_job_token(job_id, token)
+        Unknown jobs and wrong tokens are both False. With a broker, a
+        job registered by another process is checked in Redis (a round
+        trip; BrokerError if Redis cannot be reached)."""
+        if self._engine.validate_job_token(job_id, token):
+            return True
+        if self._broker is None:
+            return False
+        return self._broker.check_token(job_id, token)
+
+    async def validate_job_token_async(self, job_id: str, token: str) -> bool:
+        """validate_job_token() without blocking the event loop on Redis."""
+        if self._engine.validate_job_token(job_id, token):
+            return True
+        if self._broker is None:
+            return False
+        return await self._broker.check_token_async(job_id, token)
 
     # -- events ----------------------------------------------------------------
     def notify(self, job_id: str, event: JobEvent, webhook_url: str | None = None) -> None:
@@ -131,6 +170,10 @@ class JobNotifier:
                 "webhook_url given but signing_secret is empty: webhooks cannot be "
                 "signed (set NotifierConfig.signing_secret)"
             )
+        broker = self._broker
+        if broker is not None:
+            self._notify_shared(broker, job_id, event, exact, webhook_url)
+            return
         if exact:
             # A plain event (no result, no error) is encoded by the engine
             # itself; None means it is not plain. For a job with
@@ -153,10 +196,32 @@ class JobNotifier:
                 return
         self._engine.notify(job_id, _CODES[event.status], event._json_bytes(), webhook_url)
 
+    def _notify_shared(
+        self, broker: Broker, job_id: str, event: JobEvent, exact: bool, webhook_url: str | None
+    ) -> None:
+        """notify() with a broker: locally as without one, then queued for
+        Redis with the event's id."""
+        broker.check_room()
+        done = self._engine.notify_plain(job_id, event, webhook_url, True) if exact else None
+        if done is not None:
+            seq, body = done
+            if job_id in self._subscribed:
+                memo = self._memo
+                memo.recent[body] = event
+                if len(memo.recent) >= _MEMO_GENERATION:
+                    memo.older = memo.recent
+                    memo.recent = {}
+        else:
+            body = event._json_bytes()
+            seq = self._engine.notify(job_id, _CODES[event.status], body, webhook_url)
+        broker.publish(job_id, seq, _CODES[event.status], body)
+
     def subscribe(self, job_id: str, *, last_event_id: int | None = None) -> Subscription:
         """Subscribes the running event loop to the job's events: those
         published from now on or, with ``last_event_id``, every retained
         event after that sequence number (0: from the job's first event).
+        With a broker, events published by other processes come too (and,
+        with ``last_event_id``, the job's history kept in Redis).
         Raises ChannelLimitError at max_channels, RuntimeError outside a
         running loop or after close()."""
         try:
@@ -270,18 +335,39 @@ class JobNotifier:
         recovered (pending deliveries read back at start), left_in_store
         (pending at close, resumed by the next start), store_commits and
         store_errors (failed writes: logged, delivery went on from
-        memory)."""
-        return self._engine.stats()
+        memory) and, with a broker, broker_published (events written to
+        Redis), broker_buffered (waiting for it), broker_rejected (refused:
+        buffer full), broker_reconnects, broker_resequenced and
+        broker_ingested (events of other processes taken in)."""
+        stats = self._engine.stats()
+        broker = self._broker
+        if broker is not None:
+            stats.update(broker.stats)
+            stats["broker_buffered"] = broker.buffered
+        return stats
 
     def flush(self, timeout: float | None = None) -> bool:
         """Blocks (without the GIL) until every delivery queued before the
-        call is delivered or dead-lettered (later ones do not delay it);
-        False if the timeout passed first."""
-        return self._engine.flush(timeout)
+        call is delivered or dead-lettered (later ones do not delay it), and,
+        with a broker, every event notified before it is in Redis; False if
+        the timeout passed first."""
+        if self._broker is None:
+            return self._engine.flush(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._broker.flush(timeout):
+            return False
+        return self._engine.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Like flush() without blocking the event loop: True once every
-        delivery queued before the call is delivered or dead-lettered."""
+        delivery queued before the call is delivered or dead-lettered (and,
+        with a broker, every event notified before it is in Redis)."""
+        if self._broker is not None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not await self._broker.drain(timeout):
+                return False
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         engine = self._engine
         ticket = engine.ticket()
         if engine.ticket_done(ticket):
@@ -339,6 +425,8 @@ class JobNotifier:
         opens it again. Idempotent."""
         if timeout is None:
             timeout = self._config.close_timeout_secs
+        if self._broker is not None:
+            self._broker.close(timeout)
         self._engine.close(timeout)
 
     def __enter__(self) -> JobNotifier:
@@ -374,6 +462,9 @@ class JobNotifier:
                 engine.pending(),
                 "dead-lettered" if self._config.store_path is None else "left in the store",
             )
+            broker = getattr(self, "_broker", None)
+            if broker is not None:
+                broker.close(0)
             engine.close(0)
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -165,6 +166,16 @@ class Subscription:
         self._memo = notifier._memo
         self._subscribed = notifier._subscribed
         self._core = notifier._engine.subscribe(job_id, hub.waker, _on_ready_for(self), None, after)
+        #: With a broker: the job's events from other processes are mirrored
+        #: into the local channel while subscribed; a resuming subscription
+        #: reads once the history kept in Redis is in (see _broker).
+        self._broker = notifier._broker
+        self._attached: concurrent.futures.Future[None] | None = None
+        self._attaching: concurrent.futures.Future[None] | None = None
+        if self._broker is not None:
+            self._attached = self._broker.attach(job_id)
+            if after != -1:
+                self._attaching = self._attached
         notifier._watch_job(job_id)
         hub.acquire()
         self._hub = hub
@@ -212,6 +223,9 @@ class Subscription:
         if buf and not self._lagged:  # the common case: _take() inlined
             self.last_event_id, event = buf.popleft()
             return event
+        if self._attaching is not None:
+            attaching, self._attaching = self._attaching, None
+            await asyncio.wrap_future(attaching)
         while True:
             event = self._take()
             if event is not None:
@@ -230,8 +244,19 @@ class Subscription:
             finally:
                 self._waiter = None
 
+    async def ready(self) -> None:
+        """Returns once events published by other processes reach this
+        subscription (with a broker: the job's Redis channel is subscribed
+        and its history read; at once without a broker)."""
+        if self._attached is not None and not self._attached.done():
+            await asyncio.wrap_future(self._attached)
+
     def get_nowait(self) -> JobEvent | None:
         """The next event if one is ready, else None."""
+        if self._attaching is not None:
+            if not self._attaching.done():
+                return None
+            self._attaching = None
         event = self._take()
         if event is None and not self._core.closed:
             self._fill()
@@ -260,6 +285,8 @@ class Subscription:
         self._ended = True
         self._core.close()
         self._wake()
+        if self._broker is not None:
+            self._broker.detach(self.job_id)
         hub.notifier._unwatch_job(self.job_id)
         hub.release()
 
@@ -275,6 +302,8 @@ class Subscription:
             return
         # Possibly on another thread (GC): release on the loop's thread.
         self._core.close()
+        if self._broker is not None:
+            self._broker.detach(self.job_id)
         try:
             hub.loop.call_soon_threadsafe(_release_later, hub, self.job_id)
         except RuntimeError:  # loop closed: nothing to unregister from

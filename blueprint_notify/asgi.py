@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
+from ._broker import BrokerError
 from ._notifier import JobNotifier
 
 __all__ = ["sse_app", "SSEApp"]
@@ -327,8 +328,29 @@ class _Stream:
         hub = notifier._hub_for(loop)
         hub.acquire()
         sub = None
+        broker = notifier._broker
+        attached = False
         try:
+            token: str | None
             token, self.token = self.token, None
+            if broker is not None:
+                # The token may be another process's (Redis); then the job's
+                # history comes from Redis into the local channel before
+                # the cursor is placed.
+                try:
+                    ok = await notifier.validate_job_token_async(self.job_id, token or "")
+                    if ok:
+                        await broker.attach_async(self.job_id)
+                        attached = True
+                except BrokerError:
+                    await _respond(send, 503, {"error": "broker unavailable"}, [(b"retry-after", b"5"), *self.cors])
+                    return
+                except ValueError:
+                    ok = False
+                if not ok:
+                    await _respond(send, 403, {"error": "forbidden"}, list(self.cors))
+                    return
+                token = None  # checked
             try:
                 # The subscriber holds _wake (and so this stream) strongly;
                 # only this frame holds the subscriber, and closes it.
@@ -419,6 +441,8 @@ class _Stream:
         finally:
             if sub is not None:
                 sub.close()
+            if attached:
+                broker.detach(self.job_id)
             hub.release()
 
     async def _send(self, send: Send, body: bytes) -> bool:

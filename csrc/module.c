@@ -235,6 +235,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                              "store_path",
                              "store_sync",
                              "keep_delivered_ms",
+                             "clock_ids",
                              NULL};
     const char *secret = "", *user_agent = "blueprint-notify";
     const char *std_key = NULL;
@@ -249,14 +250,15 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     PyObject *log_sink = Py_None, *store_path = NULL;
     int store_sync = 0;
     unsigned long long keep_delivered = 3600000;
+    int clock_ids = 0;
     char err[ERRLEN];
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "|$y#KKKKnnnpIInsOKy#iO&pK", kwlist, &secret, &secret_len,
-            &max_retries, &base, &max_delay, &timeout, &capacity, &max_channels,
-            &max_dead, &allow_private, &max_conns, &max_host, &max_body,
-            &user_agent, &log_sink, &retention, &std_key, &std_key_len,
-            &schemes, fs_path_or_none, &store_path, &store_sync,
-            &keep_delivered))
+            args, kw, "|$y#KKKKnnnpIInsOKy#iO&pKp", kwlist, &secret,
+            &secret_len, &max_retries, &base, &max_delay, &timeout, &capacity,
+            &max_channels, &max_dead, &allow_private, &max_conns, &max_host,
+            &max_body, &user_agent, &log_sink, &retention, &std_key,
+            &std_key_len, &schemes, fs_path_or_none, &store_path, &store_sync,
+            &keep_delivered, &clock_ids))
         return NULL;
     if (capacity < 1 || max_channels < 0 || max_dead < 0 || max_body < 0 ||
         max_conns < 1 || max_host < 1 || max_retries > UINT32_MAX ||
@@ -302,6 +304,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         .sse_capacity = (size_t)capacity,
         .max_channels = (size_t)max_channels,
         .retention_ms = retention,
+        .clock_ids = clock_ids,
     };
     module_state *st = state_of_type(type);
     if (!st) goto error;
@@ -461,6 +464,55 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
                 args[3], &seq) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(seq);
+}
+
+/* ingest(job_id, event_id, status, event_json, alias) -> bool: an event
+ * published through the broker, added to the job's channel at its place by
+ * id; False when the channel holds it (or alias, if not 0) already or the
+ * job has ended. */
+static PyObject *Engine_ingest(PyObject *op, PyObject *const *args,
+                               Py_ssize_t nargs) {
+    REQUIRE_USABLE(ENGINE_CAST(op));
+    EngineObject *self = ENGINE_CAST(op);
+    const char *id;
+    Py_ssize_t len;
+    if (!check_nargs("ingest", nargs, 5, 5)) return NULL;
+    if (get_job_id(args[0], &id, &len) < 0) return NULL;
+    unsigned long long event_id = PyLong_AsUnsignedLongLong(args[1]);
+    if (event_id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long long alias = PyLong_AsUnsignedLongLong(args[4]);
+    if (alias == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (event_id == 0 || event_id > INT64_MAX || alias > INT64_MAX) {
+        PyErr_SetString(PyExc_ValueError,
+                        "event_id must be between 1 and 2**63-1");
+        return NULL;
+    }
+    long status = PyLong_AsLong(args[2]);
+    if (status == -1 && PyErr_Occurred()) return NULL;
+    if (status < 0 || status >= BPN_STATUS_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "status code out of range");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "event_json must be bytes");
+        return NULL;
+    }
+    const char *json = PyBytes_AS_STRING(args[3]);
+    size_t json_len = (size_t)PyBytes_GET_SIZE(args[3]);
+    if (memchr(json, '\n', json_len) || memchr(json, '\r', json_len)) {
+        /* One data: line per frame: a raw line break would split it. */
+        PyErr_SetString(PyExc_ValueError,
+                        "event_json must not contain line breaks");
+        return NULL;
+    }
+    bpn_event *ev =
+        bpn_event_new((int)status, json, json_len, id, (size_t)len, 0);
+    if (!ev) return PyErr_NoMemory();
+    int rc =
+        bpn_hub_ingest(&self->e->hub, id, (size_t)len, ev, event_id, alias);
+    bpn_event_unref(ev);
+    if (rc < 0) return raise_core_error(rc, Py_TYPE(op));
+    return PyBool_FromLong(rc);
 }
 
 /* Writes v in decimal at p; returns the end. */
@@ -916,6 +968,8 @@ static PyMethodDef Engine_methods[] = {
      "validate_job_token(job_id, token) -> bool"},
     {"notify", (PyCFunction)(void (*)(void))Engine_notify, METH_FASTCALL,
      "notify(job_id, status, event_json, webhook_url) -> seq"},
+    {"ingest", (PyCFunction)(void (*)(void))Engine_ingest, METH_FASTCALL,
+     "ingest(job_id, event_id, status, event_json, alias) -> bool"},
     {"notify_plain", (PyCFunction)(void (*)(void))Engine_notify_plain,
      METH_FASTCALL,
      "notify_plain(job_id, event, webhook_url, want_body) -> seq, (seq, "

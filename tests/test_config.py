@@ -34,6 +34,10 @@ def test_all_defaults() -> None:
         "store_path": None,
         "durability": "batched",
         "delivered_retention_secs": 3600.0,
+        "broker_url": None,
+        "broker_prefix": "bpn",
+        "broker_buffer": 100_000,
+        "broker_ttl_secs": 86_400.0,
     }
     assert NotifierConfig.field_names()[:5] == [
         "signing_secret",

@@ -15,9 +15,12 @@ struct bpn_job {
     int has_token;
     int terminal;
     char token[BPN_TOKEN_HEX_LEN];
-    uint64_t next_seq; /* sequence number of the next event (from 1) */
-    size_t count;      /* events held in the ring */
-    bpn_event **ring;  /* hub->capacity slots, indexed by seq % capacity */
+    uint64_t last_id;     /* id of the newest event held (0: none yet) */
+    uint64_t evicted;     /* events pushed out of the ring */
+    uint64_t evicted_max; /* the newest id pushed out (0: none) */
+    size_t head;          /* ring index of the oldest event */
+    size_t count;         /* events held in the ring */
+    bpn_event **ring;     /* hub->capacity slots, ids increasing from head */
     bpn_sub *subs;
     uint64_t expires_ms; /* when retained: end of retention */
     bpn_job *rnext;      /* in the hub's retained FIFO */
@@ -31,7 +34,8 @@ struct bpn_sub {
     int ready;
     bpn_job *job;
     bpn_waker *waker;
-    uint64_t cursor; /* sequence number of the next event wanted */
+    uint64_t cursor; /* id of the last event read (or skipped) */
+    uint64_t lost;   /* events skipped since the last pull (lag) */
     void *user;
 };
 
@@ -48,8 +52,9 @@ struct bpn_waker {
 /* ---- hub ---------------------------------------------------------------- */
 
 int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels,
-                 uint64_t retention_ms) {
+                 uint64_t retention_ms, int clock_ids) {
     memset(hub, 0, sizeof(*hub));
+    hub->clock_ids = clock_ids;
     hub->capacity = capacity ? capacity : 1;
     hub->max_channels = max_channels;
     hub->retention_ms = retention_ms;
@@ -62,7 +67,8 @@ int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels,
 }
 
 static void job_free(bpn_hub *hub, bpn_job *job) {
-    for (size_t i = 0; i < hub->capacity; i++) bpn_event_unref(job->ring[i]);
+    for (size_t i = 0; i < job->count; i++)
+        bpn_event_unref(job->ring[(job->head + i) % hub->capacity]);
     free(job->ring);
     free(job);
 }
@@ -179,7 +185,6 @@ static bpn_job *get_or_create_job(bpn_hub *hub, const char *id, size_t len,
     if (job) drop_retained(hub, job);
     memcpy(fresh->id, id, len);
     fresh->id_len = len;
-    fresh->next_seq = 1;
     fresh->refs = 1;
     fresh->in_table = 1;
     fresh->node.key = fresh->id;
@@ -358,21 +363,133 @@ size_t bpn_hub_subscribers(bpn_hub *hub) {
 
 /* ---- publish ------------------------------------------------------------ */
 
-void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
-                            bpn_event *ev) {
-    sweep_locked(hub);
-    bpn_job *job = find_job(hub, id, len);
-    if (!job || job->terminal) return;
-    bpn_event_set_seq(ev, job->next_seq++);
-    size_t slot = (size_t)(ev->seq % hub->capacity);
-    bpn_event_unref(job->ring[slot]); /* the oldest, when the ring is full */
-    job->ring[slot] = bpn_event_ref(ev);
-    if (job->count < hub->capacity) job->count++;
+/* The next id of clock mode: microseconds since the epoch, strictly above
+ * every id this hub has handed out or ingested. */
+static uint64_t clock_id_locked(bpn_hub *hub) {
+    uint64_t id = bpn_now_realtime_us();
+    if (id <= hub->last_id) id = hub->last_id + 1;
+    hub->last_id = id;
+    return id;
+}
+
+static bpn_event *ring_at(const bpn_hub *hub, const bpn_job *job, size_t i) {
+    return job->ring[(job->head + i) % hub->capacity];
+}
+
+/* Index (0..count) of the first event held with an id above `after`. */
+static size_t ring_after(const bpn_hub *hub, const bpn_job *job,
+                         uint64_t after) {
+    size_t lo = 0, hi = job->count;
+    if (hi == 0 || ring_at(hub, job, hi - 1)->seq <= after) return hi;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ring_at(hub, job, mid)->seq <= after)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Counts the event with this id as lost for every subscriber that had not
+ * read it yet (it is being evicted, or never made it into the ring). */
+static void lose_locked(bpn_job *job, uint64_t id) {
+    for (bpn_sub *s = job->subs; s; s = s->next) {
+        if (s->cursor < id) {
+            s->lost++;
+            s->cursor = id;
+        }
+    }
+    job->evicted++;
+    if (id > job->evicted_max) job->evicted_max = id;
+}
+
+static void evict_oldest_locked(bpn_hub *hub, bpn_job *job) {
+    bpn_event *old = job->ring[job->head];
+    lose_locked(job, old->seq);
+    bpn_event_unref(old);
+    job->ring[job->head] = NULL;
+    job->head = (job->head + 1) % hub->capacity;
+    job->count--;
+}
+
+/* Puts ev (its id set, above the job's last) at the end of the ring. */
+static void append_locked(bpn_hub *hub, bpn_job *job, bpn_event *ev) {
+    if (job->count == hub->capacity) evict_oldest_locked(hub, job);
+    job->ring[(job->head + job->count) % hub->capacity] = bpn_event_ref(ev);
+    job->count++;
+    job->last_id = ev->seq;
     for (bpn_sub *s = job->subs; s; s = s->next) mark_ready_locked(s);
     if (BPN_STATUS_IS_TERMINAL(ev->status)) {
         job->terminal = 1;
         retain_locked(hub, job);
     }
+}
+
+void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
+                            bpn_event *ev) {
+    sweep_locked(hub);
+    bpn_job *job = find_job(hub, id, len);
+    int live = job && !job->terminal;
+    if (hub->clock_ids)
+        bpn_event_set_seq(ev, clock_id_locked(hub));
+    else if (live)
+        bpn_event_set_seq(ev, job->last_id + 1);
+    if (live) append_locked(hub, job, ev);
+}
+
+/* Inserts ev (id set, older than the job's newest, not held yet) at its
+ * place by id. */
+static void insert_locked(bpn_hub *hub, bpn_job *job, bpn_event *ev,
+                          size_t pos) {
+    size_t cap = hub->capacity;
+    if (job->count == cap) {
+        if (pos == 0) { /* older than all the ring holds: lost at once */
+            lose_locked(job, ev->seq);
+            return;
+        }
+        evict_oldest_locked(hub, job);
+        pos--;
+    }
+    for (size_t i = job->count; i > pos; i--)
+        job->ring[(job->head + i) % cap] = job->ring[(job->head + i - 1) % cap];
+    job->ring[(job->head + pos) % cap] = bpn_event_ref(ev);
+    job->count++;
+    for (bpn_sub *s = job->subs; s; s = s->next)
+        if (s->cursor < ev->seq) mark_ready_locked(s);
+}
+
+/* 1 if the job's ring holds an event with this id. */
+static int ring_holds(const bpn_hub *hub, const bpn_job *job, uint64_t id) {
+    size_t pos = ring_after(hub, job, id - 1);
+    return pos < job->count && ring_at(hub, job, pos)->seq == id;
+}
+
+int bpn_hub_ingest(bpn_hub *hub, const char *id, size_t len, bpn_event *ev,
+                   uint64_t event_id, uint64_t alias) {
+    int rc = 0;
+    bpn_hub_lock(hub);
+    sweep_locked(hub);
+    if (event_id > hub->last_id) hub->last_id = event_id;
+    bpn_job *job = find_job(hub, id, len);
+    if (job && job->terminal) goto exit; /* nothing follows a terminal event */
+    if (!job) job = get_or_create_job(hub, id, len, &rc);
+    if (!job) goto exit;
+    if (ring_holds(hub, job, event_id) ||
+        (alias && ring_holds(hub, job, alias)))
+        goto exit; /* held already (our own event, or a replay) */
+    size_t pos = ring_after(hub, job, event_id);
+    if (event_id <= job->evicted_max && pos == 0 && job->evicted)
+        goto exit; /* older than what the ring dropped: seen and gone */
+    bpn_event_set_seq(ev, event_id);
+    if (pos == job->count)
+        append_locked(hub, job, ev);
+    else
+        insert_locked(hub, job, ev, pos);
+    rc = 1;
+exit:
+    bpn_hub_unlock(hub);
+    return rc;
 }
 
 static void wake_job_subs(bpn_map_node *node, void *arg) {
@@ -421,13 +538,26 @@ int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, const char *token,
     s->job = job;
     s->waker = w;
     s->user = user;
-    if (from == BPN_FROM_LIVE)
-        s->cursor = job->next_seq;
-    else if (from < 0)
-        s->cursor = 1;
-    else
-        s->cursor = (uint64_t)from + 1 < job->next_seq ? (uint64_t)from + 1
-                                                       : job->next_seq;
+    if (from == BPN_FROM_LIVE) {
+        /* Clock mode: whatever is published from now on has a later id,
+         * also events of other processes that are still on their way. */
+        s->cursor = job->last_id;
+        if (hub->clock_ids) {
+            uint64_t now = bpn_now_realtime_us();
+            if (now > s->cursor) s->cursor = now;
+        }
+    } else if (from < 0) {
+        s->cursor = 0;
+        s->lost = job->evicted;
+    } else {
+        s->cursor = (uint64_t)from;
+        if (!hub->clock_ids && s->cursor > job->last_id)
+            s->cursor = job->last_id; /* a future id: from the next event */
+        if (s->cursor < job->evicted_max)
+            /* Ids are consecutive without clock mode; with it, how many
+             * were dropped after `from` is not known: at least one. */
+            s->lost = hub->clock_ids ? 1 : job->evicted_max - s->cursor;
+    }
     s->next = job->subs;
     if (job->subs) job->subs->prev = s;
     job->subs = s;
@@ -464,16 +594,13 @@ bpn_pull_result bpn_sub_pull(bpn_sub *s, bpn_event **out, size_t max) {
     bpn_hub *hub = s->waker->hub;
     bpn_hub_lock(hub);
     bpn_job *job = s->job;
-    uint64_t oldest = job->next_seq - job->count;
-    if (s->cursor < oldest) {
-        r.skipped = oldest - s->cursor;
-        s->cursor = oldest;
-    }
-    while (r.n < max && s->cursor < job->next_seq) {
-        out[r.n++] = bpn_event_ref(job->ring[s->cursor % hub->capacity]);
-        s->cursor++;
-    }
-    r.ended = s->cursor == job->next_seq && (job->terminal || hub->closed);
+    r.skipped = s->lost;
+    s->lost = 0;
+    size_t pos = ring_after(hub, job, s->cursor);
+    while (r.n < max && pos < job->count)
+        out[r.n++] = bpn_event_ref(ring_at(hub, job, pos++));
+    if (r.n) s->cursor = out[r.n - 1]->seq;
+    r.ended = pos == job->count && (job->terminal || hub->closed);
     bpn_hub_unlock(hub);
     return r;
 }

@@ -28,6 +28,8 @@ typedef struct bpn_hub {
     size_t capacity;     /* history ring size per job (sse_capacity) */
     size_t max_channels; /* cap of live jobs, and of retained jobs */
     uint64_t retention_ms;
+    int clock_ids;    /* ids from the clock (see bpn_hub_init) */
+    uint64_t last_id; /* clock mode: the newest id handed out or ingested */
     bpn_job *retained_head, *retained_tail; /* terminal jobs, oldest first */
     size_t retained;
     size_t subscribers;
@@ -36,9 +38,16 @@ typedef struct bpn_hub {
 } bpn_hub;
 
 /* Returns 0 or BPN_ENOMEM. Terminal jobs keep their history and token for
- * retention_ms (0: dropped at once). */
+ * retention_ms (0: dropped at once).
+ *
+ * Event ids. By default a job's events are numbered 1, 2, 3... and only
+ * events of a job with a channel get one. With clock_ids (several
+ * processes share the jobs, see the broker) every event gets an id, from
+ * the wall clock in microseconds, strictly increasing across the hub and
+ * above every id ingested from elsewhere: ids are unique and ordered across
+ * processes without asking anyone, and not consecutive. */
 int bpn_hub_init(bpn_hub *hub, size_t capacity, size_t max_channels,
-                 uint64_t retention_ms);
+                 uint64_t retention_ms, int clock_ids);
 /* Frees the jobs still in the table. Subscribers and wakers must be gone. */
 void bpn_hub_fini(bpn_hub *hub);
 
@@ -66,6 +75,15 @@ size_t bpn_hub_subscribers(bpn_hub *hub);
  * Takes a reference to ev when it keeps it. */
 void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
                             bpn_event *ev);
+
+/* Adds an event published elsewhere (another process) with its id: at its
+ * place by id in the job's ring, creating the channel if needed. Ignored
+ * (0) when the ring holds that id (or alias, when not 0: the id this
+ * process gave the event before the broker renumbered it) already, when it is
+ * older than what the ring dropped, or when the job has ended. Returns 1 when
+ * added, 0 when ignored, or BPN_ELIMIT, BPN_ECLOSED, BPN_ENOMEM. */
+int bpn_hub_ingest(bpn_hub *hub, const char *id, size_t len, bpn_event *ev,
+                   uint64_t event_id, uint64_t alias);
 
 /* Marks the hub closed and wakes every subscriber so it sees the end. */
 void bpn_hub_close(bpn_hub *hub);
@@ -96,9 +114,10 @@ void bpn_hub_signal_drained(bpn_hub *hub);
  * (live or retained) and hold that token, checked in the same critical
  * section, else BPN_EAUTH; no channel is created. Without one, the channel
  * is created if needed. from is BPN_FROM_LIVE, BPN_FROM_OLDEST, or a
- * sequence number already seen (Last-Event-ID): the cursor starts after it,
- * at most at the next event. user is handed back by bpn_waker_take. Returns
- * 0 and sets *out, or BPN_EAUTH, BPN_ELIMIT, BPN_ECLOSED, BPN_ENOMEM. */
+ * sequence number already seen (Last-Event-ID): the cursor starts after it
+ * (without clock ids, at most at the next event). user is handed back by
+ * bpn_waker_take. Returns 0 and sets *out, or BPN_EAUTH, BPN_ELIMIT,
+ * BPN_ECLOSED, BPN_ENOMEM. */
 int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, const char *token,
                 size_t token_len, int64_t from, bpn_waker *w, void *user,
                 bpn_sub **out);

@@ -39,6 +39,8 @@ enum {
 
 /* Monotonic clock in milliseconds, and in microseconds. */
 uint64_t bpn_now_ms(void);
+/* Wall clock (CLOCK_REALTIME), microseconds since the epoch. */
+uint64_t bpn_now_realtime_us(void);
 uint64_t bpn_now_us(void);
 
 /* Bumped in the child after fork(): objects from before are unusable there

@@ -18,7 +18,7 @@ int bpn_engine_new(const bpn_engine_config *cfg, bpn_engine **out, char *err,
         return BPN_ENOMEM;
     }
     rc = bpn_hub_init(&e->hub, cfg->sse_capacity, cfg->max_channels,
-                      cfg->retention_ms);
+                      cfg->retention_ms, cfg->clock_ids);
     if (rc != BPN_OK) {
         snprintf(err, errlen, "out of memory");
         free(e);

@@ -16,6 +16,7 @@ typedef struct {
     size_t sse_capacity;
     size_t max_channels;
     uint64_t retention_ms;
+    int clock_ids; /* see bpn_hub_init */
 } bpn_engine_config;
 
 typedef struct {
@@ -49,7 +50,8 @@ int bpn_job_id_check(const char *id, size_t len, char *err, size_t errlen);
 
 /* Publishes an event to the job's channel and, when url is not NULL,
  * queues its webhook delivery (origin from bpn_url_check). Sets *seq to the
- * event's sequence number (0 when the job has no channel) and *delivery to
+ * event's id (0 when the job has no channel, unless the hub has clock ids)
+ * and *delivery to
  * the delivery's id (0 without url). Returns 0, BPN_ECLOSED or BPN_ENOMEM.
  * Any thread; never blocks beyond the locks (with a store in sync mode the
  * caller then waits with bpn_delivery_wait_stored). */

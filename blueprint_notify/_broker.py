@@ -1,0 +1,611 @@
+"""The Redis broker: jobs shared by several processes and hosts.
+
+One ``Broker`` per JobNotifier with ``broker_url``. It runs an asyncio loop
+in a thread of its own (``blueprint-notify-broker``) with two Redis
+connections (redis-py): commands, and Pub/Sub.
+
+Keys, for a job ``J`` under ``prefix`` (default ``bpn``):
+
+* ``{prefix}:ev:J``   a Redis Stream: the job's events, at most
+  ``sse_capacity``, entry id ``0-<event id>``, fields ``s`` (status code),
+  ``d`` (the event JSON), ``o`` (the publishing notifier) and ``r`` (the id it
+  asked for). Expires ``broker_ttl_secs`` after the last event, or
+  ``retention_secs`` after the terminal one.
+* ``{prefix}:tok:J``  SHA-256 (hex) of the job's bearer token; same expiry.
+* ``{prefix}:live:J`` the Pub/Sub channel of the job's new events.
+
+Publishing (any thread): ``notify()`` has already put the event in the local
+channel with its id (a microsecond-clock id, see ``bpn_hub_init``); it
+appends it to ``_queue`` and wakes the loop only when it was idle. The
+loop sends what is queued in pipelined batches of one Lua call per event
+(``_PUBLISH``: XADD with the event's id, PEXPIRE, PUBLISH, atomically). A
+batch leaves the queue only once Redis has answered; on a connection error
+it is sent again after a backoff, in order; the script is idempotent (an
+entry already there with the same content is not added twice). An id
+that is not above the stream's newest (two processes producing for one job
+at once, or clocks apart) is replaced by the next one; that is counted as
+``broker_resequenced``.
+
+Receiving: a process *attaches* a job while it has local readers of it (an
+SSE stream, a Subscription): it subscribes to the job's channel, then
+reads the stream's retained entries into the local channel
+(``Engine.ingest``, in id order, duplicates ignored), then takes the
+channel's messages. After a lost connection it reconnects with backoff,
+subscribes again and reads every attached job's stream from the last id it
+holds: nothing published meanwhile is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hashlib
+import hmac
+import logging
+import os
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["Broker", "BrokerError", "redact_url", "check_broker_url"]
+
+logger = logging.getLogger("blueprint_notify.broker")
+
+_BATCH = 512  # events per pipelined round trip
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+_CONNECT_TIMEOUT = 3.0  # seconds: the check at start, register_job, token checks
+_TERMINAL_CODES = frozenset({2, 3, 4})  # completed, failed, cancelled (_events._CODES)
+_LOG_EVERY = 1.0  # seconds between repeated warnings
+
+# KEYS: stream, token key. ARGV: event id, status, json, maxlen, ttl ms,
+# channel, origin. Returns the entry id. Idempotent: a retry of an event
+# whose first attempt got through finds it and returns its id.
+_PUBLISH = """
+local want = '0-' .. ARGV[1]
+local id = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[4], want,
+                       's', ARGV[2], 'd', ARGV[3], 'o', ARGV[7], 'r', ARGV[1])
+if type(id) == 'table' and id.err then
+  local held = redis.call('XRANGE', KEYS[1], want, want)
+  if #held > 0 and held[1][2][4] == ARGV[3] and held[1][2][6] == ARGV[7] then
+    return want
+  end
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], '0-*',
+                  's', ARGV[2], 'd', ARGV[3], 'o', ARGV[7], 'r', ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PUBLISH', ARGV[6], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[7] .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[3])
+return id
+"""
+
+
+class BrokerError(ConnectionError):
+    """The Redis broker cannot be reached (at start, or while it is down and
+    ``broker_buffer`` events are already waiting for it)."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def check_broker_url(url: str) -> None:
+    """Raises ValueError naming broker_url unless it is a redis://,
+    rediss:// or unix:// URL with a host (or a path)."""
+    if not isinstance(url, str):
+        raise TypeError(f"broker_url must be a str or None, not {type(url).__name__}")
+    bad = f"broker_url must be redis://host[:port][/db], rediss://... or unix:///path, got {redact_url(url)!r}"
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise ValueError(bad + " (spaces or control characters)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(bad) from None
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ValueError(bad + " (no host)")
+        if port == 0:
+            raise ValueError(bad + " (port 0)")
+        db = parts.path.lstrip("/")
+        if db and not (db.isascii() and db.isdigit()):
+            raise ValueError(bad + f" (database {db!r} is not a number)")
+    elif parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(bad + " (no socket path)")
+    else:
+        raise ValueError(bad)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class _Attached:
+    __slots__ = ("users", "last_id", "ready")
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.last_id = 0  # newest entry id read from the stream or channel
+        self.ready: asyncio.Future[None] | None = None
+
+
+class Broker:
+    """See the module docstring. Built by JobNotifier; not public."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        url: str,
+        prefix: str,
+        buffer: int,
+        ttl_ms: int,
+        retention_ms: int,
+        capacity: int,
+    ) -> None:
+        try:
+            import redis.asyncio as aioredis
+            from redis import exceptions as redis_exceptions
+        except ImportError:  # pragma: no cover - the extra is missing
+            raise ImportError(
+                "broker_url needs the redis package: pip install 'blueprint_notify[broker]'"
+            ) from None
+        self._aioredis = aioredis
+        self._errors: tuple[type[BaseException], ...] = (
+            redis_exceptions.ConnectionError,
+            redis_exceptions.TimeoutError,
+            OSError,
+        )
+        self._engine = engine
+        self._url = url
+        self._shown_url = redact_url(url)
+        self._prefix = prefix
+        self._bound = buffer
+        self._ttl_ms = max(1, ttl_ms)
+        self._retention_ms = max(1, retention_ms)
+        self._capacity = capacity
+        self._origin = os.urandom(8).hex()  # this notifier, in entries and messages
+        # (job, event id, status, json bytes): filled by notify() on any thread.
+        self._queue: collections.deque[tuple[str, int, int, bytes]] = collections.deque()
+        self._lock = threading.Lock()
+        self._idle = True  # the publisher waits for a wake-up (under _lock)
+        self._enqueued = 0  # events queued so far (under _lock)
+        self._sent = 0  # events Redis acknowledged (loop thread; read anywhere)
+        self._flushed = threading.Condition(self._lock)
+        self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[bool]]] = []
+        self._attached: dict[str, _Attached] = {}
+        self._closing = False
+        self._last_warning = 0.0
+        self.stats = {
+            "broker_published": 0,
+            "broker_rejected": 0,
+            "broker_reconnects": 0,
+            "broker_resequenced": 0,
+            "broker_ingested": 0,
+        }
+        self._loop = asyncio.new_event_loop()
+        self._wake_publisher = asyncio.Event()
+        self._wake_listener = asyncio.Event()  # a job attached, or a resync is due
+        self._resync = False  # the Pub/Sub connection must be made again
+        self._thread = threading.Thread(target=self._run, name="blueprint-notify-broker", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start(), _CONNECT_TIMEOUT + 1)
+        except BaseException:
+            self.close(0)
+            raise
+
+    # -- the loop thread -----------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        """Runs coro on the loop thread and waits for it (not from that thread)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise BrokerError(f"the broker at {self._shown_url} did not answer within {timeout} s") from None
+
+    async def _start(self) -> None:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        # One retry of a command on a fresh connection: pooled connections
+        # are stale after Redis restarted. Longer outages are ours to handle.
+        kwargs = dict(
+            socket_connect_timeout=_CONNECT_TIMEOUT,
+            socket_timeout=None,
+            health_check_interval=0,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        )
+        self._redis = self._aioredis.from_url(self._url, **kwargs)
+        # None on the Pub/Sub connection: a silent reconnect there would
+        # hide the messages missed meanwhile; _resubscribe catches up.
+        kwargs["retry"] = Retry(ExponentialBackoff(), 0)
+        self._pubsub_client = self._aioredis.from_url(self._url, **kwargs)
+        try:
+            await asyncio.wait_for(self._redis.ping(), _CONNECT_TIMEOUT)
+            info = await self._redis.info("server")
+        except (asyncio.TimeoutError, *self._errors) as exc:
+            raise BrokerError(f"cannot reach the broker at {self._shown_url}: {exc}") from None
+        version = tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
+        if version < (7, 0):
+            raise BrokerError(f"the broker at {self._shown_url} runs Redis {info.get('redis_version')}; 7.0 or later is needed")
+        self._script = self._redis.register_script(_PUBLISH)
+        self._pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+        self._publisher = asyncio.ensure_future(self._publish_loop())
+        self._listener = asyncio.ensure_future(self._listen_loop())
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _LOG_EVERY:
+            self._last_warning = now
+            logger.warning(msg, *args)
+
+    # -- publishing ------------------------------------------------------------
+    def check_room(self) -> None:
+        """Raises BrokerError when broker_buffer events already wait (Redis
+        unreachable): called by notify() before it changes anything."""
+        if len(self._queue) >= self._bound:
+            self.stats["broker_rejected"] += 1
+            logger.error(
+                "broker at %s unreachable and %d events waiting for it: event refused",
+                self._shown_url,
+                len(self._queue),
+            )
+            raise BrokerError(
+                f"the broker at {self._shown_url} is unreachable and broker_buffer "
+                f"({self._bound}) events already wait for it"
+            )
+
+    def publish(self, job_id: str, event_id: int, status: int, data: bytes) -> None:
+        """Queues an event that notify() just published locally."""
+        with self._lock:
+            self._queue.append((job_id, event_id, status, data))
+            self._enqueued += 1
+            if not self._idle:
+                return
+            self._idle = False
+        try:
+            self._loop.call_soon_threadsafe(self._wake_publisher.set)
+        except RuntimeError:  # loop closed: close() reports what is left
+            pass
+
+    @property
+    def buffered(self) -> int:
+        return len(self._queue)
+
+    async def _publish_loop(self) -> None:
+        backoff = _BACKOFF_MIN
+        queue = self._queue
+        prefix = self._prefix
+        while True:
+            if not queue:
+                with self._lock:
+                    if not queue:
+                        self._idle = True
+                if self._idle:
+                    await self._wake_publisher.wait()
+                    self._wake_publisher.clear()
+                    continue
+            batch = [queue[i] for i in range(min(_BATCH, len(queue)))]
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for job_id, event_id, status, data in batch:
+                        ttl = self._retention_ms if status in _TERMINAL_CODES else self._ttl_ms
+                        await self._script(
+                            keys=[f"{prefix}:ev:{job_id}", f"{prefix}:tok:{job_id}"],
+                            args=[event_id, status, data, self._capacity, ttl, f"{prefix}:live:{job_id}", self._origin],
+                            client=pipe,
+                        )
+                    results = await pipe.execute()
+            except self._errors as exc:
+                if self._closing:
+                    return
+                self._warn("broker at %s unreachable (%s); %d events wait, retrying", self._shown_url, exc, len(queue))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            backoff = _BACKOFF_MIN
+            for (job_id, event_id, _s, _d), entry in zip(batch, results):
+                queue.popleft()
+                got = _entry_id(entry)
+                if got != event_id:
+                    self.stats["broker_resequenced"] += 1
+                    self._warn(
+                        "job %r: event id %d was taken (another process publishing for this job at the "
+                        "same time, or clocks apart); stored as %d",
+                        job_id,
+                        event_id,
+                        got,
+                    )
+            self.stats["broker_published"] += len(batch)
+            self._sent += len(batch)
+            self._signal_sent()
+
+    def _signal_sent(self) -> None:
+        with self._flushed:
+            self._flushed.notify_all()
+        sent = self._sent
+        keep = []
+        for target, loop, fut in self._drain_waiters:
+            if sent >= target:
+                loop.call_soon_threadsafe(_resolve, fut, True)
+            else:
+                keep.append((target, loop, fut))
+        self._drain_waiters = keep
+
+    def flush(self, timeout: float | None) -> bool:
+        """Waits until every event queued before the call is in Redis."""
+        with self._flushed:
+            target = self._enqueued
+            return self._flushed.wait_for(lambda: self._sent >= target, timeout)
+
+    async def drain(self, timeout: float | None) -> bool:
+        with self._lock:
+            target = self._enqueued
+        if self._sent >= target:
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+
+        def add() -> None:
+            if self._sent >= target:
+                loop.call_soon_threadsafe(_resolve, fut, True)
+            else:
+                self._drain_waiters.append((target, loop, fut))
+
+        self._loop.call_soon_threadsafe(add)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return False
+
+    # -- tokens ----------------------------------------------------------------
+    def register_token(self, job_id: str, token: str) -> None:
+        """Stores the token's digest in Redis; raises BrokerError if it could
+        not within a few seconds (the token would not work elsewhere)."""
+
+        async def store() -> None:
+            try:
+                await self._redis.set(f"{self._prefix}:tok:{job_id}", token_digest(token), px=self._ttl_ms)
+            except self._errors as exc:
+                raise BrokerError(f"cannot store the job's token at the broker {self._shown_url}: {exc}") from None
+
+        self._call(store(), _CONNECT_TIMEOUT)
+
+    async def _token_ok(self, job_id: str, token: str) -> bool:
+        try:
+            stored = await self._redis.get(f"{self._prefix}:tok:{job_id}")
+        except self._errors as exc:
+            raise BrokerError(f"cannot check the job's token at the broker {self._shown_url}: {exc}") from None
+        if stored is None:
+            return False
+        return hmac.compare_digest(stored, token_digest(token).encode("ascii"))
+
+    def check_token(self, job_id: str, token: str) -> bool:
+        return bool(self._call(self._token_ok(job_id, token), _CONNECT_TIMEOUT))
+
+    async def check_token_async(self, job_id: str, token: str) -> bool:
+        future = asyncio.run_coroutine_threadsafe(self._token_ok(job_id, token), self._loop)
+        try:
+            return bool(await asyncio.wait_for(asyncio.wrap_future(future), _CONNECT_TIMEOUT))
+        except asyncio.TimeoutError:
+            raise BrokerError(f"the broker at {self._shown_url} did not answer within {_CONNECT_TIMEOUT} s") from None
+
+    # -- receiving ---------------------------------------------------------------
+    def attach(self, job_id: str) -> concurrent.futures.Future[None]:
+        """Mirrors the job's events from Redis into the local channel while
+        attached. The future is done once the retained history is in (or
+        Redis is unreachable: the reconnect catches up later)."""
+        return asyncio.run_coroutine_threadsafe(self._attach(job_id), self._loop)
+
+    async def attach_async(self, job_id: str) -> None:
+        await asyncio.wrap_future(self.attach(job_id))
+
+    def detach(self, job_id: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._detach, job_id)
+        except RuntimeError:  # closed
+            pass
+
+    async def _attach(self, job_id: str) -> None:
+        entry = self._attached.get(job_id)
+        if entry is not None:
+            entry.users += 1
+            if entry.ready is not None:
+                await asyncio.shield(entry.ready)
+            return
+        entry = self._attached[job_id] = _Attached()
+        entry.users = 1
+        entry.ready = self._loop.create_future()
+        try:
+            await self._pubsub.subscribe(f"{self._prefix}:live:{job_id}")
+            await self._catch_up(job_id, entry)
+        except self._errors as exc:
+            # The listener reconnects, subscribes again and catches up.
+            self._warn("broker at %s unreachable (%s): job %r attached, will catch up", self._shown_url, exc, job_id)
+            self._resync = True
+        finally:
+            ready, entry.ready = entry.ready, None
+            ready.set_result(None)
+            self._wake_listener.set()
+
+    def _detach(self, job_id: str) -> None:
+        entry = self._attached.get(job_id)
+        if entry is None:
+            return
+        entry.users -= 1
+        if entry.users > 0:
+            return
+        del self._attached[job_id]
+        asyncio.ensure_future(self._unsubscribe(job_id))
+
+    async def _unsubscribe(self, job_id: str) -> None:
+        if job_id in self._attached:
+            return  # attached again meanwhile
+        try:
+            await self._pubsub.unsubscribe(f"{self._prefix}:live:{job_id}")
+        except self._errors:
+            pass  # gone with the connection anyway
+
+    async def _catch_up(self, job_id: str, entry: _Attached) -> None:
+        """Reads the job's stream after the last id held into the channel."""
+        start = "-" if not entry.last_id else f"(0-{entry.last_id}"
+        rows = await self._redis.xrange(f"{self._prefix}:ev:{job_id}", min=start, max="+")
+        for raw_id, fields in rows:
+            self._ingest(job_id, entry, _entry_id(raw_id), fields)
+
+    def _ingest(self, job_id: str, entry: _Attached, event_id: int, fields: dict[bytes, bytes]) -> None:
+        try:
+            status = int(fields[b"s"])
+            data = fields[b"d"]
+            alias = int(fields[b"r"]) if fields.get(b"o") == self._origin.encode() else 0
+            if alias == event_id:
+                alias = 0
+            if self._engine.ingest(job_id, event_id, status, data, alias):
+                self.stats["broker_ingested"] += 1
+        except (KeyError, ValueError, TypeError) as exc:
+            self._warn("job %r: malformed broker entry %d skipped (%s)", job_id, event_id, exc)
+        except RuntimeError:  # the notifier closed
+            return
+        if event_id > entry.last_id:
+            entry.last_id = event_id
+
+    async def _listen_loop(self) -> None:
+        live = f"{self._prefix}:live:".encode()
+        backoff = _BACKOFF_MIN
+        while not self._closing:
+            if self._resync:
+                if not await self._resubscribe():
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                    continue
+                backoff = _BACKOFF_MIN
+            if not self._pubsub.subscribed:
+                # Nothing to read until a job is attached.
+                await self._wake_listener.wait()
+                self._wake_listener.clear()
+                continue
+            try:
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except self._errors as exc:
+                if self._closing:
+                    return
+                self._warn("broker at %s: subscription lost (%s), reconnecting", self._shown_url, exc)
+                self._resync = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = message["channel"]
+            if not channel.startswith(live):
+                continue
+            job_id = channel[len(live) :].decode("utf-8", "surrogateescape")
+            entry = self._attached.get(job_id)
+            if entry is None:
+                continue
+            try:
+                raw_id, status, origin, asked, data = message["data"].split(b"\n", 4)
+                event_id = _entry_id(raw_id)
+            except ValueError:
+                self._warn("job %r: malformed broker message skipped", job_id)
+                continue
+            self._ingest(job_id, entry, event_id, {b"s": status, b"d": data, b"o": origin, b"r": asked})
+
+    async def _resubscribe(self) -> bool:
+        """After a lost connection: a new Pub/Sub connection, every attached
+        job subscribed again and read from its last id. False if Redis is
+        still unreachable."""
+        try:
+            await self._pubsub.aclose()
+        except Exception:  # noqa: BLE001 - the old connection is gone anyway
+            pass
+        self._pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+        try:
+            jobs = list(self._attached)
+            if jobs:
+                await self._pubsub.subscribe(*(f"{self._prefix}:live:{j}" for j in jobs))
+            for job_id in jobs:
+                entry = self._attached.get(job_id)
+                if entry is not None:
+                    await self._catch_up(job_id, entry)
+        except self._errors as exc:
+            self._warn("broker at %s still unreachable (%s)", self._shown_url, exc)
+            return False
+        self._resync = False
+        self.stats["broker_reconnects"] += 1
+        logger.info("broker at %s: reconnected, %d jobs caught up", self._shown_url, len(jobs))
+        return True
+
+    # -- lifetime -------------------------------------------------------------------
+    def close(self, timeout: float) -> None:
+        """Waits up to timeout for queued events to reach Redis, then stops.
+        Events still queued are reported (ERROR), never dropped silently."""
+        if not self._thread.is_alive():
+            return
+        if timeout > 0 and self._queue:
+            self.flush(timeout)
+        self._closing = True
+        left = len(self._queue)
+        if left:
+            logger.error(
+                "notifier closed with %d events not published to the broker at %s "
+                "(unreachable); other processes' subscribers will not see them",
+                left,
+                self._shown_url,
+            )
+
+        async def stop() -> None:
+            for task in (getattr(self, "_publisher", None), getattr(self, "_listener", None)):
+                if task is not None:
+                    task.cancel()
+            for closer in (getattr(self, "_pubsub", None), getattr(self, "_redis", None), getattr(self, "_pubsub_client", None)):
+                if closer is not None:
+                    try:
+                        await asyncio.wait_for(closer.aclose(), 1.0)
+                    except Exception:  # noqa: BLE001 - closing a dead connection
+                        pass
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(3.0)
+        except Exception:  # noqa: BLE001
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(3.0)
+        with self._flushed:
+            self._flushed.notify_all()
+
+
+def _entry_id(raw: Any) -> int:
+    """The event id of a stream entry id ``0-<id>`` (bytes or str)."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii")
+    ms, _, seq = str(raw).partition("-")
+    if ms != "0" or not seq.isdigit():
+        raise ValueError(f"not an event entry id: {raw!r}")
+    return int(seq)
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
