@@ -17,8 +17,8 @@ Keys, for a job ``J`` under ``prefix`` (default ``bpn``):
 Publishing (any thread): ``notify()`` has already put the event in the local
 channel with its id (a microsecond-clock id, see ``bpn_hub_init``); it
 appends it to ``_queue`` and wakes the loop only when it was idle. The
-loop sends what is queued in pipelined batches of one Lua call per event
-(``_PUBLISH``: XADD with the event's id, PEXPIRE, PUBLISH, atomically). A
+loop sends what is queued in batches: one Lua call (``_PUBLISH``) per up to
+1024 events: for each, XADD with the event's id, PEXPIRE, PUBLISH. A
 batch leaves the queue only once Redis has answered; on a connection error
 it is sent again after a backoff, in order; the script is idempotent (an
 entry already there with the same content is not added twice). An id
@@ -49,36 +49,61 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ._core import ChannelLimitError
+
 __all__ = ["Broker", "BrokerError", "redact_url", "check_broker_url"]
 
 logger = logging.getLogger("blueprint_notify.broker")
 
-_BATCH = 512  # events per pipelined round trip
+_BATCH = 1024  # events per Lua call (one round trip)
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 _CONNECT_TIMEOUT = 3.0  # seconds: the check at start, register_job, token checks
 _TERMINAL_CODES = frozenset({2, 3, 4})  # completed, failed, cancelled (_events._CODES)
 _LOG_EVERY = 1.0  # seconds between repeated warnings
+_ROOM_TIMEOUT = 5.0  # seconds notify() waits for room while Redis answers
 
-# KEYS: stream, token key. ARGV: event id, status, json, maxlen, ttl ms,
-# channel, origin. Returns the entry id. Idempotent: a retry of an event
-# whose first attempt got through finds it and returns its id.
+# One call publishes a batch. ARGV: maxlen, origin, key prefix, ttl ms of
+# a live job, ttl ms after a terminal event, then per event: job id, event
+# id, status code, JSON. For each event: XADD with its id, PEXPIRE of the
+# stream and the token, PUBLISH. Returns {i, entry id, ...} for the events
+# stored under another id than theirs (none, normally). Idempotent: a retry
+# of an event whose first attempt got through finds it (same content, same
+# origin) and leaves it; an id not above the stream's newest gets the next
+# one (XADD 0-*). Keys are built here from the job ids: fine on one Redis
+# (the broker does not support Redis Cluster).
 _PUBLISH = """
-local want = '0-' .. ARGV[1]
-local id = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[4], want,
-                       's', ARGV[2], 'd', ARGV[3], 'o', ARGV[7], 'r', ARGV[1])
-if type(id) == 'table' and id.err then
-  local held = redis.call('XRANGE', KEYS[1], want, want)
-  if #held > 0 and held[1][2][4] == ARGV[3] and held[1][2][6] == ARGV[7] then
-    return want
+local maxlen, origin, prefix = ARGV[1], ARGV[2], ARGV[3]
+local live_ttl, end_ttl = ARGV[4], ARGV[5]
+local out = {}
+for a = 6, #ARGV, 4 do
+  local job, eid, status, data = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local stream = prefix .. ':ev:' .. job
+  local want = '0-' .. eid
+  local id = redis.pcall('XADD', stream, 'MAXLEN', maxlen, want,
+                         's', status, 'd', data, 'o', origin, 'r', eid)
+  local fresh = true
+  if type(id) == 'table' and id.err then
+    local held = redis.call('XRANGE', stream, want, want)
+    if #held > 0 and held[1][2][4] == data and held[1][2][6] == origin then
+      id, fresh = want, false
+    else
+      id = redis.call('XADD', stream, 'MAXLEN', maxlen, '0-*',
+                      's', status, 'd', data, 'o', origin, 'r', eid)
+      out[#out + 1] = (a - 6) / 4
+      out[#out + 1] = id
+    end
   end
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], '0-*',
-                  's', ARGV[2], 'd', ARGV[3], 'o', ARGV[7], 'r', ARGV[1])
+  local ttl = live_ttl
+  if status == '2' or status == '3' or status == '4' then ttl = end_ttl end
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PEXPIRE', prefix .. ':tok:' .. job, ttl)
+  if fresh then
+    redis.call('PUBLISH', prefix .. ':live:' .. job,
+               id .. '\\n' .. status .. '\\n' .. origin .. '\\n' .. eid .. '\\n' .. data)
+  end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[6], id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[7] .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[3])
-return id
+return out
 """
 
 
@@ -187,6 +212,7 @@ class Broker:
         self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[bool]]] = []
         self._attached: dict[str, _Attached] = {}
         self._closing = False
+        self._healthy = True  # the last batch got through
         self._last_warning = 0.0
         self.stats = {
             "broker_published": 0,
@@ -262,19 +288,27 @@ class Broker:
 
     # -- publishing ------------------------------------------------------------
     def check_room(self) -> None:
-        """Raises BrokerError when broker_buffer events already wait (Redis
-        unreachable): called by notify() before it changes anything."""
-        if len(self._queue) >= self._bound:
-            self.stats["broker_rejected"] += 1
-            logger.error(
-                "broker at %s unreachable and %d events waiting for it: event refused",
-                self._shown_url,
-                len(self._queue),
+        """Called by notify() before it changes anything, when broker_buffer
+        events already wait. While Redis answers (only slower than the
+        producer), waits for room (the GIL released), at most
+        _ROOM_TIMEOUT; while it is unreachable, or after that, raises
+        BrokerError (counted, logged)."""
+        if len(self._queue) < self._bound:
+            return
+        with self._flushed:
+            self._flushed.wait_for(
+                lambda: len(self._queue) < self._bound or not self._healthy or self._closing, _ROOM_TIMEOUT
             )
-            raise BrokerError(
-                f"the broker at {self._shown_url} is unreachable and broker_buffer "
-                f"({self._bound}) events already wait for it"
-            )
+        if len(self._queue) < self._bound:
+            return
+        self.stats["broker_rejected"] += 1
+        why = "unreachable" if not self._healthy else f"not keeping up for {_ROOM_TIMEOUT:g} s"
+        logger.error(
+            "broker at %s %s and %d events waiting for it: event refused", self._shown_url, why, len(self._queue)
+        )
+        raise BrokerError(
+            f"the broker at {self._shown_url} is {why} and broker_buffer ({self._bound}) events already wait for it"
+        )
 
     def publish(self, job_id: str, event_id: int, status: int, data: bytes) -> None:
         """Queues an event that notify() just published locally."""
@@ -306,39 +340,39 @@ class Broker:
                     await self._wake_publisher.wait()
                     self._wake_publisher.clear()
                     continue
-            batch = [queue[i] for i in range(min(_BATCH, len(queue)))]
+            count = min(_BATCH, len(queue))
+            args: list[Any] = [self._capacity, self._origin, prefix, self._ttl_ms, self._retention_ms]
+            for i in range(count):
+                args.extend(queue[i])  # job id, event id, status, JSON
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for job_id, event_id, status, data in batch:
-                        ttl = self._retention_ms if status in _TERMINAL_CODES else self._ttl_ms
-                        await self._script(
-                            keys=[f"{prefix}:ev:{job_id}", f"{prefix}:tok:{job_id}"],
-                            args=[event_id, status, data, self._capacity, ttl, f"{prefix}:live:{job_id}", self._origin],
-                            client=pipe,
-                        )
-                    results = await pipe.execute()
+                renumbered = await self._script(args=args)
             except self._errors as exc:
                 if self._closing:
                     return
+                if self._healthy:
+                    self._healthy = False
+                    with self._flushed:  # producers waiting for room: fail now
+                        self._flushed.notify_all()
                 self._warn("broker at %s unreachable (%s); %d events wait, retrying", self._shown_url, exc, len(queue))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
             backoff = _BACKOFF_MIN
-            for (job_id, event_id, _s, _d), entry in zip(batch, results):
+            self._healthy = True
+            for k in range(0, len(renumbered), 2):
+                job_id, event_id = queue[renumbered[k]][:2]
+                self.stats["broker_resequenced"] += 1
+                self._warn(
+                    "job %r: event id %d was taken (another process publishing for this job at the "
+                    "same time, or clocks apart); stored as %d",
+                    job_id,
+                    event_id,
+                    _entry_id(renumbered[k + 1]),
+                )
+            for _ in range(count):
                 queue.popleft()
-                got = _entry_id(entry)
-                if got != event_id:
-                    self.stats["broker_resequenced"] += 1
-                    self._warn(
-                        "job %r: event id %d was taken (another process publishing for this job at the "
-                        "same time, or clocks apart); stored as %d",
-                        job_id,
-                        event_id,
-                        got,
-                    )
-            self.stats["broker_published"] += len(batch)
-            self._sent += len(batch)
+            self.stats["broker_published"] += count
+            self._sent += count
             self._signal_sent()
 
     def _signal_sent(self) -> None:
@@ -485,6 +519,8 @@ class Broker:
                 self.stats["broker_ingested"] += 1
         except (KeyError, ValueError, TypeError) as exc:
             self._warn("job %r: malformed broker entry %d skipped (%s)", job_id, event_id, exc)
+        except ChannelLimitError:
+            self._warn("job %r: event %d from the broker not taken in: max_channels reached", job_id, event_id)
         except RuntimeError:  # the notifier closed
             return
         if event_id > entry.last_id:
