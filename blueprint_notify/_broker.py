@@ -267,11 +267,15 @@ class Broker:
         # hide the messages missed meanwhile; _resubscribe catches up.
         kwargs["retry"] = Retry(ExponentialBackoff(), 0)
         self._pubsub_client = self._aioredis.from_url(self._url, **kwargs)
+        from redis.exceptions import RedisError
+
         try:
             await asyncio.wait_for(self._redis.ping(), _CONNECT_TIMEOUT)
             info = await self._redis.info("server")
-        except (asyncio.TimeoutError, *self._errors) as exc:
-            raise BrokerError(f"cannot reach the broker at {self._shown_url}: {exc}") from None
+        except (asyncio.TimeoutError, RedisError, *self._errors) as exc:
+            # Refused, timed out, wrong password, or not Redis at all.
+            what = str(exc) or type(exc).__name__
+            raise BrokerError(f"cannot reach the broker at {self._shown_url}: {what}") from None
         version = tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
         if version < (7, 0):
             raise BrokerError(f"the broker at {self._shown_url} runs Redis {info.get('redis_version')}; 7.0 or later is needed")

@@ -279,3 +279,39 @@ async def test_sse_app_serves_a_job_registered_and_produced_elsewhere(notifiers)
             ) as resp:
                 body = (await resp.aread()).decode()
             assert [int(line[4:]) for line in body.split("\n") if line.startswith("id: ")] == ids[3:]
+
+
+def test_a_server_that_is_not_redis_is_a_clear_error() -> None:
+    import socket
+    import threading
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        with pytest.raises(BrokerError, match=f"127.0.0.1:{port}"):
+            JobNotifier(broker_url=f"redis://127.0.0.1:{port}/0")
+        t.join(5)
+
+
+def test_wrong_password_is_a_clear_error(redis_server) -> None:
+    with redis_server.client() as r:
+        r.config_set("requirepass", "right")
+    try:
+        with pytest.raises(BrokerError, match="cannot reach the broker") as info:
+            JobNotifier(broker_url=redis_server.url.replace("redis://", "redis://:wrong@"))
+        assert "wrong" not in str(info.value)
+        n = JobNotifier(broker_url=redis_server.url.replace("redis://", "redis://:right@"))
+        n.close()
+    finally:
+        with redis_server.client(password="right") as r:
+            r.config_set("requirepass", "")
