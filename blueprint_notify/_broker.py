@@ -8,8 +8,9 @@ Keys, for a job ``J`` under ``prefix`` (default ``bpn``):
 
 * ``{prefix}:ev:J``   a Redis Stream: the job's events, at most
   ``sse_capacity``, entry id ``0-<event id>``, fields ``s`` (status code),
-  ``d`` (the event JSON), ``o`` (the publishing notifier) and ``r`` (the id it
-  asked for). Expires ``broker_ttl_secs`` after the last event, or
+  ``d`` (the event JSON), ``o`` (the publishing notifier), ``r`` (the id it
+  asked for) and ``p`` (the entry before it: a reader that finds it missing
+  knows the trimmed events it never got, and reports the lag). Expires ``broker_ttl_secs`` after the last event, or
   ``retention_secs`` after the terminal one.
 * ``{prefix}:tok:J``  SHA-256 (hex) of the job's bearer token; same expiry.
 * ``{prefix}:live:J`` the Pub/Sub channel of the job's new events.
@@ -65,8 +66,9 @@ _ROOM_TIMEOUT = 5.0  # seconds notify() waits for room while Redis answers
 
 # One call publishes a batch. ARGV: maxlen, origin, key prefix, ttl ms of
 # a live job, ttl ms after a terminal event, then per event: job id, event
-# id, status code, JSON. For each event: XADD with its id, PEXPIRE of the
-# stream and the token, PUBLISH. Returns {i, entry id, ...} for the events
+# id, status code, JSON. For each event: XADD with its id (and the id of
+# the entry before it, so readers see what MAXLEN trimmed before they got
+# it), PEXPIRE of the stream and the token, PUBLISH. Returns {i, entry id, ...} for the events
 # stored under another id than theirs (none, normally). Idempotent: a retry
 # of an event whose first attempt got through finds it (same content, same
 # origin) and leaves it; an id not above the stream's newest gets the next
@@ -75,13 +77,19 @@ _ROOM_TIMEOUT = 5.0  # seconds notify() waits for room while Redis answers
 _PUBLISH = """
 local maxlen, origin, prefix = ARGV[1], ARGV[2], ARGV[3]
 local live_ttl, end_ttl = ARGV[4], ARGV[5]
-local out = {}
+local out, last = {}, {}
 for a = 6, #ARGV, 4 do
   local job, eid, status, data = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local stream = prefix .. ':ev:' .. job
   local want = '0-' .. eid
+  local prev = last[stream]
+  if prev == nil then
+    local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    prev = '0-0'
+    if #top > 0 then prev = top[1][1] end
+  end
   local id = redis.pcall('XADD', stream, 'MAXLEN', maxlen, want,
-                         's', status, 'd', data, 'o', origin, 'r', eid)
+                         's', status, 'd', data, 'o', origin, 'r', eid, 'p', prev)
   local fresh = true
   if type(id) == 'table' and id.err then
     local held = redis.call('XRANGE', stream, want, want)
@@ -89,7 +97,7 @@ for a = 6, #ARGV, 4 do
       id, fresh = want, false
     else
       id = redis.call('XADD', stream, 'MAXLEN', maxlen, '0-*',
-                      's', status, 'd', data, 'o', origin, 'r', eid)
+                      's', status, 'd', data, 'o', origin, 'r', eid, 'p', prev)
       out[#out + 1] = (a - 6) / 4
       out[#out + 1] = id
     end
@@ -99,9 +107,10 @@ for a = 6, #ARGV, 4 do
   redis.call('PEXPIRE', stream, ttl)
   redis.call('PEXPIRE', prefix .. ':tok:' .. job, ttl)
   if fresh then
-    redis.call('PUBLISH', prefix .. ':live:' .. job,
-               id .. '\\n' .. status .. '\\n' .. origin .. '\\n' .. eid .. '\\n' .. data)
+    redis.call('PUBLISH', prefix .. ':live:' .. job, id .. '\\n' .. status .. '\\n' ..
+               origin .. '\\n' .. eid .. '\\n' .. prev .. '\\n' .. data)
   end
+  last[stream] = id
 end
 return out
 """
@@ -519,7 +528,8 @@ class Broker:
             alias = int(fields[b"r"]) if fields.get(b"o") == self._origin.encode() else 0
             if alias == event_id:
                 alias = 0
-            if self._engine.ingest(job_id, event_id, status, data, alias):
+            prev = _entry_id(fields[b"p"]) if b"p" in fields else 0
+            if self._engine.ingest(job_id, event_id, status, data, alias, prev):
                 self.stats["broker_ingested"] += 1
         except (KeyError, ValueError, TypeError) as exc:
             self._warn("job %r: malformed broker entry %d skipped (%s)", job_id, event_id, exc)
@@ -565,12 +575,12 @@ class Broker:
             if entry is None:
                 continue
             try:
-                raw_id, status, origin, asked, data = message["data"].split(b"\n", 4)
+                raw_id, status, origin, asked, prev, data = message["data"].split(b"\n", 5)
                 event_id = _entry_id(raw_id)
             except ValueError:
                 self._warn("job %r: malformed broker message skipped", job_id)
                 continue
-            self._ingest(job_id, entry, event_id, {b"s": status, b"d": data, b"o": origin, b"r": asked})
+            self._ingest(job_id, entry, event_id, {b"s": status, b"d": data, b"o": origin, b"r": asked, b"p": prev})
 
     async def _resubscribe(self) -> bool:
         """After a lost connection: a new Pub/Sub connection, every attached

@@ -466,23 +466,27 @@ static PyObject *Engine_notify(PyObject *op, PyObject *const *args,
     return PyLong_FromUnsignedLongLong(seq);
 }
 
-/* ingest(job_id, event_id, status, event_json, alias) -> bool: an event
- * published through the broker, added to the job's channel at its place by
- * id; False when the channel holds it (or alias, if not 0) already or the
- * job has ended. */
+/* ingest(job_id, event_id, status, event_json, alias, prev) -> bool: an
+ * event published through the broker, added to the job's channel at its
+ * place by id; False when the channel holds it (or alias, if not 0) already
+ * or the job has ended. prev: the id before it in the shared history (0:
+ * none), see bpn_hub_ingest. */
 static PyObject *Engine_ingest(PyObject *op, PyObject *const *args,
                                Py_ssize_t nargs) {
     REQUIRE_USABLE(ENGINE_CAST(op));
     EngineObject *self = ENGINE_CAST(op);
     const char *id;
     Py_ssize_t len;
-    if (!check_nargs("ingest", nargs, 5, 5)) return NULL;
+    if (!check_nargs("ingest", nargs, 6, 6)) return NULL;
     if (get_job_id(args[0], &id, &len) < 0) return NULL;
     unsigned long long event_id = PyLong_AsUnsignedLongLong(args[1]);
     if (event_id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     unsigned long long alias = PyLong_AsUnsignedLongLong(args[4]);
     if (alias == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    if (event_id == 0 || event_id > INT64_MAX || alias > INT64_MAX) {
+    unsigned long long prev = PyLong_AsUnsignedLongLong(args[5]);
+    if (prev == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (event_id == 0 || event_id > INT64_MAX || alias > INT64_MAX ||
+        prev > INT64_MAX) {
         PyErr_SetString(PyExc_ValueError,
                         "event_id must be between 1 and 2**63-1");
         return NULL;
@@ -508,8 +512,8 @@ static PyObject *Engine_ingest(PyObject *op, PyObject *const *args,
     bpn_event *ev =
         bpn_event_new((int)status, json, json_len, id, (size_t)len, 0);
     if (!ev) return PyErr_NoMemory();
-    int rc =
-        bpn_hub_ingest(&self->e->hub, id, (size_t)len, ev, event_id, alias);
+    int rc = bpn_hub_ingest(&self->e->hub, id, (size_t)len, ev, event_id, alias,
+                            prev);
     bpn_event_unref(ev);
     if (rc < 0) return raise_core_error(rc, Py_TYPE(op));
     return PyBool_FromLong(rc);
@@ -969,7 +973,7 @@ static PyMethodDef Engine_methods[] = {
     {"notify", (PyCFunction)(void (*)(void))Engine_notify, METH_FASTCALL,
      "notify(job_id, status, event_json, webhook_url) -> seq"},
     {"ingest", (PyCFunction)(void (*)(void))Engine_ingest, METH_FASTCALL,
-     "ingest(job_id, event_id, status, event_json, alias) -> bool"},
+     "ingest(job_id, event_id, status, event_json, alias, prev) -> bool"},
     {"notify_plain", (PyCFunction)(void (*)(void))Engine_notify_plain,
      METH_FASTCALL,
      "notify_plain(job_id, event, webhook_url, want_body) -> seq, (seq, "

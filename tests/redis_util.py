@@ -11,6 +11,9 @@
   ``redis-server`` is not installed, except in CI (``CI`` set and not
   ``0``/``false``), where that fails instead (``tools/sysdeps.sh`` installs
   it).
+* :class:`PausableProxy`: a TCP proxy to the server (threads) whose
+  forwarding can be paused and resumed: one process's Redis traffic held
+  up while the others' goes on (the connections stay open).
 * Fixture ``redis_server``: a started server per test, stopped at teardown
   (import it into a test module: ``from redis_util import redis_server  #
   noqa: F401``).
@@ -248,6 +251,95 @@ class RedisServer:
 
 class _PortTaken(Exception):
     pass
+
+
+class PausableProxy:
+    """A TCP proxy on 127.0.0.1 (a free port) to ``HOST:target_port``.
+    ``pause()`` stops forwarding in both directions (bytes wait in the
+    sockets; connections stay open) until ``resume()``. Threads: one
+    accepting, two per connection; ``close()`` ends them all."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._open = threading.Event()  # set: forwarding
+        self._open.set()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        self._start(self._accept_loop, "proxy-accept")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def pause(self) -> None:
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets, self._sockets = self._sockets, []
+        self._open.set()
+        for sock in [self._listener, *sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(STOP_TIMEOUT)
+
+    def __enter__(self) -> PausableProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, target: Any, name: str, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection((HOST, self.target_port), timeout=STOP_TIMEOUT)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()  # like the server being down
+                continue
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+                self._start(self._pump, "proxy-up", client, upstream)
+                self._start(self._pump, "proxy-down", upstream, client)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                self._open.wait()  # paused: hold the bytes (released by resume() or close())
+                if not data or self._closed:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture

@@ -7,13 +7,17 @@
 #   libcurl4-openssl-dev libssl-dev pkg-config   libcurl and OpenSSL flags
 #   libsqlite3-dev                               the durable store (SQLite)
 #   gcc                                          the C compiler
+#   redis-server                                 the broker tests (tests/test_broker*.py
+#                                                start a real one; they skip without it
+#                                                outside CI); make bench's scale-out case
 #   python3-dev python3-venv                     only for the system python3
 #   nginx-light wrk valgrind                     with --bench: make bench's receiver, the
 #                                                wire's limit, the instruction counts
 #   chromium                                     the browser test (tests/test_browser.py,
 #                                                Playwright drives /usr/bin/chromium)
-# chromium is only for that test, which skips without it outside CI: when it
-# cannot be installed (not root, no apt) that is a note, not a failure.
+# chromium and redis-server are only for tests that skip without them outside
+# CI: when they cannot be installed (not root, no apt) that is a note, not a
+# failure.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -47,6 +51,14 @@ if [[ ${1:-} == --bench ]]; then
     command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
     command -v wrk >/dev/null 2>&1 || missing+=(wrk)
     command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+fi
+if ! command -v redis-server >/dev/null 2>&1 && [[ ! -x /usr/bin/redis-server ]]; then
+    if [[ $can_apt -eq 1 ]]; then
+        missing+=(redis-server)
+    else
+        echo "sysdeps: note: no redis-server; the broker tests are skipped (outside CI)" \
+            "until it is installed, e.g. sudo apt-get install redis-server" >&2
+    fi
 fi
 if [[ ! -x ${BPN_CHROMIUM:-/usr/bin/chromium} ]]; then
     if [[ $can_apt -eq 1 ]]; then

@@ -35,6 +35,7 @@ struct bpn_sub {
     bpn_job *job;
     bpn_waker *waker;
     uint64_t cursor; /* id of the last event read (or skipped) */
+    uint64_t start;  /* the cursor at creation: older events are not ours */
     uint64_t lost;   /* events skipped since the last pull (lag) */
     void *user;
 };
@@ -455,8 +456,16 @@ static void insert_locked(bpn_hub *hub, bpn_job *job, bpn_event *ev,
         job->ring[(job->head + i) % cap] = job->ring[(job->head + i - 1) % cap];
     job->ring[(job->head + pos) % cap] = bpn_event_ref(ev);
     job->count++;
-    for (bpn_sub *s = job->subs; s; s = s->next)
-        if (s->cursor < ev->seq) mark_ready_locked(s);
+    for (bpn_sub *s = job->subs; s; s = s->next) {
+        if (s->cursor < ev->seq) {
+            mark_ready_locked(s);
+        } else if (s->start < ev->seq) {
+            /* It came too late for this subscriber, which read past its
+             * place (another process's event, delayed): say so. */
+            s->lost++;
+            mark_ready_locked(s);
+        }
+    }
 }
 
 /* 1 if the job's ring holds an event with this id. */
@@ -466,21 +475,27 @@ static int ring_holds(const bpn_hub *hub, const bpn_job *job, uint64_t id) {
 }
 
 int bpn_hub_ingest(bpn_hub *hub, const char *id, size_t len, bpn_event *ev,
-                   uint64_t event_id, uint64_t alias) {
+                   uint64_t event_id, uint64_t alias, uint64_t prev) {
     int rc = 0;
     bpn_hub_lock(hub);
     sweep_locked(hub);
     if (event_id > hub->last_id) hub->last_id = event_id;
     bpn_job *job = find_job(hub, id, len);
-    if (job && job->terminal) goto exit; /* nothing follows a terminal event */
+    /* Nothing follows a terminal event; an older event still goes before
+     * it (it was delayed on its way). */
+    if (job && job->terminal && event_id > job->last_id) goto exit;
     if (!job) job = get_or_create_job(hub, id, len, &rc);
     if (!job) goto exit;
     if (ring_holds(hub, job, event_id) ||
         (alias && ring_holds(hub, job, alias)))
         goto exit; /* held already (our own event, or a replay) */
-    size_t pos = ring_after(hub, job, event_id);
-    if (event_id <= job->evicted_max && pos == 0 && job->evicted)
+    if (job->evicted && event_id <= job->evicted_max)
         goto exit; /* older than what the ring dropped: seen and gone */
+    if (prev > job->last_id && prev < event_id)
+        /* The event before it never reached us: dropped from the shared
+         * history meanwhile. Readers before it lagged (by at least one). */
+        lose_locked(job, prev);
+    size_t pos = ring_after(hub, job, event_id);
     bpn_event_set_seq(ev, event_id);
     if (pos == job->count)
         append_locked(hub, job, ev);
@@ -546,6 +561,7 @@ int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, const char *token,
             uint64_t now = bpn_now_realtime_us();
             if (now > s->cursor) s->cursor = now;
         }
+        s->start = s->cursor;
     } else if (from < 0) {
         s->cursor = 0;
         s->lost = job->evicted;
@@ -553,6 +569,7 @@ int bpn_sub_new(bpn_hub *hub, const char *id, size_t len, const char *token,
         s->cursor = (uint64_t)from;
         if (!hub->clock_ids && s->cursor > job->last_id)
             s->cursor = job->last_id; /* a future id: from the next event */
+        s->start = s->cursor;
         if (s->cursor < job->evicted_max)
             /* Ids are consecutive without clock mode; with it, how many
              * were dropped after `from` is not known: at least one. */

@@ -83,7 +83,7 @@ void bpn_hub_publish_locked(bpn_hub *hub, const char *id, size_t len,
  * older than what the ring dropped, or when the job has ended. Returns 1 when
  * added, 0 when ignored, or BPN_ELIMIT, BPN_ECLOSED, BPN_ENOMEM. */
 int bpn_hub_ingest(bpn_hub *hub, const char *id, size_t len, bpn_event *ev,
-                   uint64_t event_id, uint64_t alias);
+                   uint64_t event_id, uint64_t alias, uint64_t prev);
 
 /* Marks the hub closed and wakes every subscriber so it sees the end. */
 void bpn_hub_close(bpn_hub *hub);
