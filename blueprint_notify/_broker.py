@@ -68,7 +68,8 @@ _ROOM_TIMEOUT = 5.0  # seconds notify() waits for room while Redis answers
 # a live job, ttl ms after a terminal event, then per event: job id, event
 # id, status code, JSON. For each event: XADD with its id (and the id of
 # the entry before it, so readers see what MAXLEN trimmed before they got
-# it), PEXPIRE of the stream and the token, PUBLISH. Returns {i, entry id, ...} for the events
+# it), PUBLISH; then per job PEXPIRE of the stream and the token (the
+# expiry of its last event in the batch). Returns {i, entry id, ...} for the events
 # stored under another id than theirs (none, normally). Idempotent: a retry
 # of an event whose first attempt got through finds it (same content, same
 # origin) and leaves it; an id not above the stream's newest gets the next
@@ -77,7 +78,7 @@ _ROOM_TIMEOUT = 5.0  # seconds notify() waits for room while Redis answers
 _PUBLISH = """
 local maxlen, origin, prefix = ARGV[1], ARGV[2], ARGV[3]
 local live_ttl, end_ttl = ARGV[4], ARGV[5]
-local out, last = {}, {}
+local out, last, ttls = {}, {}, {}
 for a = 6, #ARGV, 4 do
   local job, eid, status, data = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local stream = prefix .. ':ev:' .. job
@@ -102,15 +103,20 @@ for a = 6, #ARGV, 4 do
       out[#out + 1] = id
     end
   end
-  local ttl = live_ttl
-  if status == '2' or status == '3' or status == '4' then ttl = end_ttl end
-  redis.call('PEXPIRE', stream, ttl)
-  redis.call('PEXPIRE', prefix .. ':tok:' .. job, ttl)
+  if status == '2' or status == '3' or status == '4' then
+    ttls[job] = end_ttl
+  else
+    ttls[job] = live_ttl
+  end
   if fresh then
     redis.call('PUBLISH', prefix .. ':live:' .. job, id .. '\\n' .. status .. '\\n' ..
                origin .. '\\n' .. eid .. '\\n' .. prev .. '\\n' .. data)
   end
   last[stream] = id
+end
+for job, ttl in pairs(ttls) do
+  redis.call('PEXPIRE', prefix .. ':ev:' .. job, ttl)
+  redis.call('PEXPIRE', prefix .. ':tok:' .. job, ttl)
 end
 return out
 """
@@ -234,6 +240,9 @@ class Broker:
         self._wake_publisher = asyncio.Event()
         self._wake_listener = asyncio.Event()  # a job attached, or a resync is due
         self._resync = False  # the Pub/Sub connection must be made again
+        # Subscribing while the Pub/Sub connection is being made would make
+        # another one (redis-py connects lazily): one change at a time.
+        self._sub_lock = asyncio.Lock()
         self._thread = threading.Thread(target=self._run, name="blueprint-notify-broker", daemon=True)
         self._thread.start()
         try:
@@ -485,7 +494,8 @@ class Broker:
         entry.users = 1
         entry.ready = self._loop.create_future()
         try:
-            await self._pubsub.subscribe(f"{self._prefix}:live:{job_id}")
+            async with self._sub_lock:
+                await self._pubsub.subscribe(f"{self._prefix}:live:{job_id}")
             await self._catch_up(job_id, entry)
         except self._errors as exc:
             # The listener reconnects, subscribes again and catches up.
@@ -510,7 +520,8 @@ class Broker:
         if job_id in self._attached:
             return  # attached again meanwhile
         try:
-            await self._pubsub.unsubscribe(f"{self._prefix}:live:{job_id}")
+            async with self._sub_lock:
+                await self._pubsub.unsubscribe(f"{self._prefix}:live:{job_id}")
         except self._errors:
             pass  # gone with the connection anyway
 
@@ -555,8 +566,11 @@ class Broker:
                 await self._wake_listener.wait()
                 self._wake_listener.clear()
                 continue
+            pubsub = self._pubsub
             try:
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                # Blocks until the next message (get_message with a timeout
+                # costs twice as much per message).
+                response = await pubsub.parse_response(block=True)
             except self._errors as exc:
                 if self._closing:
                     return
@@ -565,9 +579,13 @@ class Broker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
-            if message is None or message.get("type") != "message":
+            if not response:
                 continue
-            channel = message["channel"]
+            if response[0] != b"message":
+                # (un)subscribe confirmations: redis-py keeps its state
+                await pubsub.handle_message(response, ignore_subscribe_messages=True)
+                continue
+            channel, payload = response[1], response[2]
             if not channel.startswith(live):
                 continue
             job_id = channel[len(live) :].decode("utf-8", "surrogateescape")
@@ -575,7 +593,7 @@ class Broker:
             if entry is None:
                 continue
             try:
-                raw_id, status, origin, asked, prev, data = message["data"].split(b"\n", 5)
+                raw_id, status, origin, asked, prev, data = payload.split(b"\n", 5)
                 event_id = _entry_id(raw_id)
             except ValueError:
                 self._warn("job %r: malformed broker message skipped", job_id)
@@ -586,15 +604,17 @@ class Broker:
         """After a lost connection: a new Pub/Sub connection, every attached
         job subscribed again and read from its last id. False if Redis is
         still unreachable."""
-        try:
-            await self._pubsub.aclose()
-        except Exception:  # noqa: BLE001 - the old connection is gone anyway
-            pass
-        self._pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+        async with self._sub_lock:
+            try:
+                await self._pubsub.aclose()
+            except Exception:  # noqa: BLE001 - the old connection is gone anyway
+                pass
+            self._pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
         try:
             jobs = list(self._attached)
             if jobs:
-                await self._pubsub.subscribe(*(f"{self._prefix}:live:{j}" for j in jobs))
+                async with self._sub_lock:
+                    await self._pubsub.subscribe(*(f"{self._prefix}:live:{j}" for j in jobs))
             for job_id in jobs:
                 entry = self._attached.get(job_id)
                 if entry is not None:

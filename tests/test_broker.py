@@ -315,3 +315,22 @@ def test_wrong_password_is_a_clear_error(redis_server) -> None:
     finally:
         with redis_server.client(password="right") as r:
             r.config_set("requirepass", "")
+
+
+async def test_subscriptions_made_together_all_receive(notifiers, redis_server) -> None:
+    """The first subscriptions of a process, made before any is ready, share
+    one Pub/Sub connection (each reaching Redis on its own would leave all
+    but one unread)."""
+    a, b = notifiers(), notifiers()
+    jobs = [f"job-together-{i}" for i in range(8)]
+    subs = [b.subscribe(job) for job in jobs]
+    await asyncio.gather(*(s.ready() for s in subs))
+    for i, job in enumerate(jobs):
+        a.notify(job, JobEvent(P, progress=i))
+    got = [await asyncio.wait_for(s.get(), 5) for s in subs]
+    assert [e.progress for e in got] == list(range(8))
+    with redis_server.client() as r:
+        pubsub_conns = [c for c in r.client_list() if int(c.get("sub", 0)) > 0]
+    assert len(pubsub_conns) == 1, pubsub_conns
+    for s in subs:
+        s.close()
