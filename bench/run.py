@@ -12,6 +12,9 @@ Cases (each script also runs alone; see bench/README.md):
                   notify-to-receiver latency
   notify_cost.py  notify() vs a pure-Python fan-out; callgrind count
   sse_streams.py  SSE over HTTP: RSS per idle stream, fan-out latency
+  broker.py       scale-out through Redis (broker_url): events across
+                  processes vs redis-py, notify-to-subscriber latency,
+                  notify() cost with and without the broker
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ CASES = [
     ("delivery", "throughput.py"),
     ("notify", "notify_cost.py"),
     ("sse", "sse_streams.py"),
+    ("broker", "broker.py"),
 ]
 
 # (case, headline key, description, comparison, threshold, value format)
