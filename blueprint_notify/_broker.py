@@ -203,6 +203,7 @@ class Broker:
                 "broker_url needs the redis package: pip install 'blueprint_notify[broker]'"
             ) from None
         self._aioredis = aioredis
+        self._noscript = redis_exceptions.NoScriptError
         self._errors: tuple[type[BaseException], ...] = (
             redis_exceptions.ConnectionError,
             redis_exceptions.TimeoutError,
@@ -297,7 +298,8 @@ class Broker:
         version = tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
         if version < (7, 0):
             raise BrokerError(f"the broker at {self._shown_url} runs Redis {info.get('redis_version')}; 7.0 or later is needed")
-        self._script = self._redis.register_script(_PUBLISH)
+        self._sha: bytes | None = None  # _PUBLISH's SHA-1 once loaded
+        self._pub_conn = None  # the publisher's own connection (see _send)
         self._pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
         self._publisher = asyncio.ensure_future(self._publish_loop())
         self._listener = asyncio.ensure_future(self._listen_loop())
@@ -352,7 +354,10 @@ class Broker:
     async def _publish_loop(self) -> None:
         backoff = _BACKOFF_MIN
         queue = self._queue
-        prefix = self._prefix
+        # The arguments before the events, ready to send (see _PUBLISH).
+        head = b"".join(
+            _bulk(str(x).encode()) for x in (self._capacity, self._origin, self._prefix, self._ttl_ms, self._retention_ms)
+        )
         while True:
             if not queue:
                 with self._lock:
@@ -363,11 +368,8 @@ class Broker:
                     self._wake_publisher.clear()
                     continue
             count = min(_BATCH, len(queue))
-            args: list[Any] = [self._capacity, self._origin, prefix, self._ttl_ms, self._retention_ms]
-            for i in range(count):
-                args.extend(queue[i])  # job id, event id, status, JSON
             try:
-                renumbered = await self._script(args=args)
+                renumbered = await self._send(head, [queue[i] for i in range(count)])
             except self._errors as exc:
                 if self._closing:
                     return
@@ -396,6 +398,36 @@ class Broker:
             self.stats["broker_published"] += count
             self._sent += count
             self._signal_sent()
+
+    async def _send(self, head: bytes, batch: list[tuple[str, int, int, bytes]]) -> Any:
+        """One EVALSHA of _PUBLISH for the batch, on the publisher's own
+        connection, the command packed here (redis-py's generic encoder cost
+        more than the rest of the loop); the script is loaded when Redis
+        does not know it (first use, or Redis restarted)."""
+        conn = self._pub_conn
+        if conn is None:
+            conn = self._pub_conn = await self._redis.connection_pool.get_connection()
+        parts = [b"", head]
+        for job_id, event_id, status, data in batch:
+            job = job_id.encode("utf-8", "surrogateescape")
+            eid = b"%d" % event_id
+            parts.append(
+                b"$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%d\r\n$%d\r\n%b\r\n"
+                % (len(job), job, len(eid), eid, status, len(data), data)
+            )
+        for _ in range(2):
+            if self._sha is None:
+                self._sha = (await self._redis.script_load(_PUBLISH)).encode("ascii")
+            parts[0] = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$1\r\n0\r\n" % (8 + 4 * len(batch), self._sha)
+            try:
+                await conn.send_packed_command(b"".join(parts))
+                return await conn.read_response()
+            except self._noscript:
+                self._sha = None
+            except BaseException:
+                await conn.disconnect()  # half-read: start afresh
+                raise
+        raise BrokerError("the broker forgot the publish script twice in a row")
 
     def _signal_sent(self) -> None:
         with self._flushed:
@@ -649,6 +681,12 @@ class Broker:
             for task in (getattr(self, "_publisher", None), getattr(self, "_listener", None)):
                 if task is not None:
                     task.cancel()
+            conn = getattr(self, "_pub_conn", None)
+            if conn is not None:
+                try:
+                    await asyncio.wait_for(conn.disconnect(), 1.0)
+                except Exception:  # noqa: BLE001 - closing a dead connection
+                    pass
             for closer in (getattr(self, "_pubsub", None), getattr(self, "_redis", None), getattr(self, "_pubsub_client", None)):
                 if closer is not None:
                     try:
@@ -674,6 +712,11 @@ def _entry_id(raw: Any) -> int:
     if ms != "0" or not seq.isdigit():
         raise ValueError(f"not an event entry id: {raw!r}")
     return int(seq)
+
+
+def _bulk(value: bytes) -> bytes:
+    """A RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
