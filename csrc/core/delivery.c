@@ -97,6 +97,8 @@ struct transfer {
     bpn_delivery *d;
     size_t body_bytes;
     int capped;
+    int got_status;      /* a status line arrived */
+    int headers_done;    /* the blank line after the final headers arrived */
     double started_at;   /* wall clock */
     const char *refused; /* netguard reason, static */
     char refused_addr[64];
@@ -520,6 +522,21 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp) {
     return n;
 }
 
+/* Notes the response's status line and the blank line ending its headers:
+ * libcurl 7.88 reports success for a response cut inside its headers. */
+static size_t on_header(char *ptr, size_t size, size_t nmemb, void *userp) {
+    transfer *t = userp;
+    size_t n = size * nmemb;
+    if (n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) {
+        t->got_status = 1;
+        t->headers_done = 0; /* after a 1xx, the final response follows */
+    } else if ((n == 2 && ptr[0] == '\r' && ptr[1] == '\n') ||
+               (n == 1 && ptr[0] == '\n')) {
+        t->headers_done = 1;
+    }
+    return n;
+}
+
 static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose,
                                     struct curl_sockaddr *a) {
     transfer *t = clientp;
@@ -554,6 +571,8 @@ static transfer *transfer_get(bpn_delivery *d) {
     t->lane = NULL;
     t->body_bytes = 0;
     t->capped = 0;
+    t->got_status = 0;
+    t->headers_done = 0;
     t->refused = NULL;
     t->refused_addr[0] = '\0';
     t->errbuf[0] = '\0';
@@ -675,6 +694,8 @@ static int transfer_start(bpn_delivery *d, lane *l) {
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
@@ -818,6 +839,8 @@ static void on_done(bpn_delivery *d, CURLMsg *msg) {
     long status = 0;
     curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
     int answered = code == CURLE_OK || (code == CURLE_WRITE_ERROR && t->capped);
+    int cut = code == CURLE_OK && !t->headers_done;
+    if (cut) answered = 0; /* not an answer, whatever its status line */
     int delivered = answered && status >= 200 && status < 300;
     int final = t->refused != NULL;
     if (t->refused) {
@@ -836,6 +859,16 @@ static void on_done(bpn_delivery *d, CURLMsg *msg) {
         snprintf(x->last_error, ERR_MAX, "HTTP %ld", status);
         if (status == 429 || status == 503)
             x->retry_after_ms = retry_after_ms(t->easy);
+    } else if (cut) {
+        snprintf(x->last_error, ERR_MAX,
+                 "incomplete response: the connection ended inside its "
+                 "headers%s",
+                 t->got_status ? " (after the status line)" : "");
+    } else if (code == CURLE_OUT_OF_MEMORY && t->got_status) {
+        /* libcurl's limit on one header line (100 KB) reads as this. */
+        snprintf(x->last_error, ERR_MAX,
+                 "response headers too large (libcurl: %s)",
+                 curl_easy_strerror(code));
     } else if (!delivered) {
         snprintf(x->last_error, ERR_MAX, "%s%s%s", curl_easy_strerror(code),
                  t->errbuf[0] ? ": " : "", t->errbuf);
@@ -998,6 +1031,19 @@ static void abandon_lane(bpn_map_node *node, void *arg) {
     lane *l = BPN_CONTAINER_OF(node, lane, node);
     const char *why = "before the delivery completed";
     if (l->xfer) {
+        /* The attempt under way counts, and is on the attempt log. */
+        dlv *x = l->head;
+        char last[ERR_MAX];
+        memcpy(last, x->last_error, sizeof(last));
+        snprintf(x->last_error, ERR_MAX,
+                 "abandoned: the notifier closed during this attempt");
+        log_attempt(x, l->xfer, 0);
+        memcpy(x->last_error, last, sizeof(last));
+        x->attempts++;
+        pthread_mutex_lock(&d->mu);
+        d->stats.attempts++;
+        d->stats.failed_attempts++;
+        pthread_mutex_unlock(&d->mu);
         why = "while the delivery was in flight";
         transfer_detach(d, l->xfer);
     }
@@ -1016,8 +1062,8 @@ static void abandon_lane(bpn_map_node *node, void *arg) {
         memcpy(last, x->last_error, sizeof(last));
         snprintf(x->last_error, ERR_MAX,
                  "notifier closed %s (%" PRIu32 " attempt(s) made%s%.200s)",
-                 why, x->attempts, x->attempts ? "; last error: " : "",
-                 x->attempts ? last : "");
+                 why, x->attempts, last[0] ? "; last error: " : "",
+                 last[0] ? last : "");
         why = "before the delivery completed";
         l->head = x->next;
         d->done_unpublished++;
