@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import math
+import socket
 import sys
 import time
 import weakref
@@ -30,7 +31,7 @@ from urllib.parse import parse_qs
 from ._broker import BrokerError
 from ._notifier import JobNotifier
 
-__all__ = ["sse_app", "SSEApp"]
+__all__ = ["sse_app", "SSEApp", "listening_socket"]
 
 logger = logging.getLogger("blueprint_notify")
 
@@ -85,6 +86,37 @@ def sse_app(
         prefix=prefix,
         allow_origins=allow_origins,
     )
+
+
+def listening_socket(
+    host: str = "127.0.0.1", port: int = 0, *, backlog: int = 2048, user_timeout: float | None = 30.0
+) -> socket.socket:
+    """A listening TCP socket to serve an SSE app from, e.g.
+    ``uvicorn.Server(uvicorn.Config(app)).run(sockets=[sock])`` or
+    ``uvicorn.run(app, fd=sock.fileno())``.
+
+    ``user_timeout`` (seconds; Linux ``TCP_USER_TIMEOUT``, inherited by every
+    accepted connection) closes a connection whose sent data stays
+    unacknowledged that long. It frees what ``send_timeout`` cannot: when a
+    client stops reading, the app cuts its stream off, but the server then
+    closes the connection gracefully, waiting to flush what is queued, so a
+    client that stays connected without reading would keep its socket and
+    its queued bytes (~70 KB) for as long as it likes. None leaves the
+    system default (many minutes)."""
+    if user_timeout is not None and (isinstance(user_timeout, bool) or not user_timeout > 0):
+        raise ValueError(f"user_timeout must be a positive number of seconds or None, got {user_timeout!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if user_timeout is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(user_timeout * 1000)))
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _positive(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -428,7 +460,9 @@ class _Stream:
                     frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
                     if now >= self.ping_at and not (frames or skipped or ended):
                         out = _PING
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # The last write too is bounded: a client that stopped
+                # reading before its job ended is cut off like any other.
+                await self._send(send, b"", more=False)
             finally:
                 app._streams.discard(self)
                 if self.slot is not None:
@@ -445,12 +479,13 @@ class _Stream:
                 broker.detach(self.job_id)
             hub.release()
 
-    async def _send(self, send: Send, body: bytes) -> bool:
-        """Sends a chunk; False if the client left or did not take it within
-        send_timeout (then the stream is abandoned)."""
+    async def _send(self, send: Send, body: bytes, *, more: bool = True) -> bool:
+        """Sends a chunk (``more=False``: the end of the response); False if
+        the client left or did not take it within send_timeout (then the
+        stream is abandoned)."""
         if self.disconnected:
             return False
-        message = {"type": "http.response.body", "body": body, "more_body": True}
+        message = {"type": "http.response.body", "body": body, "more_body": more}
         try:
             if _timeout is not None:
                 # No task per send (wait_for makes one before Python 3.12).
