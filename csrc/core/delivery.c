@@ -1378,7 +1378,9 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
         return BPN_ECLOSED;
     }
     x->ev = bpn_event_ref(ev);
-    x->id = ++d->next_id;
+    /* Copied now: once d->mu is released x is the delivery thread's (it
+     * may be sent, dead-lettered, redelivered under a new id or freed). */
+    uint64_t new_id = x->id = ++d->next_id;
     x->submitted_us = bpn_now_us();
     snprintf(x->msg_id, sizeof(x->msg_id), "msg_%s%016llx", d->id_prefix,
              (unsigned long long)x->id);
@@ -1390,7 +1392,7 @@ int bpn_delivery_submit(bpn_delivery *d, const char *job_id, size_t job_len,
     }
     pthread_mutex_unlock(&d->mu);
     if (wake) curl_multi_wakeup(d->multi);
-    if (id) *id = x->id;
+    if (id) *id = new_id;
     return BPN_OK;
 }
 
@@ -1490,13 +1492,16 @@ int bpn_delivery_flush(bpn_delivery *d, int64_t timeout_ms) {
 
 void bpn_delivery_close(bpn_delivery *d, int64_t timeout_ms) {
     pthread_mutex_lock(&d->mu);
+    /* wait_locked drops d->mu while it waits: another close may start
+     * stopping the thread meanwhile, so look at stop after the wait. */
+    if (!d->joined && !d->stop) wait_locked(d, UINT64_MAX, timeout_ms);
     if (d->joined || d->stop) {
-        /* Another close is (or was) joining; wait for its end. */
-        wait_locked(d, UINT64_MAX, -1);
+        /* Another close is (or was) joining: only it may join the thread.
+         * Wait for the end of that close (thread joined, store closed). */
+        while (!d->joined) pthread_cond_wait(&d->cond, &d->mu);
         pthread_mutex_unlock(&d->mu);
         return;
     }
-    wait_locked(d, UINT64_MAX, timeout_ms);
     d->stop = 1;
     pthread_mutex_unlock(&d->mu);
     curl_multi_wakeup(d->multi);
