@@ -48,7 +48,7 @@ import os
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ._core import ChannelLimitError
 
@@ -128,16 +128,22 @@ class BrokerError(ConnectionError):
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
+    """The URL for messages: whatever comes before an ``@`` in its
+    authority (user and password) replaced by ``***``, also in malformed
+    URLs (``://u:pw@h``, ``redis:/u:pw@h``)."""
+    if not isinstance(url, str) or "@" not in url:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    start = url.find("//")
+    start = 0 if start < 0 else start + 2
+    end = len(url)
+    for sep in "/?#" if start else "?#":  # no '//': up to the query
+        i = url.find(sep, start)
+        if i >= 0:
+            end = min(end, i)
+    at = url.rfind("@", start, end)
+    if at < 0:
+        return url
+    return url[:start] + "***" + url[at:]
 
 
 def check_broker_url(url: str) -> None:

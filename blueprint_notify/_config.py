@@ -18,16 +18,29 @@ __version__ = "0.1.0"
 _SCHEMES = {"blueprint": 1, "standard": 2, "both": 3}
 
 
-def standard_key(secret: str) -> bytes:
+def standard_key(secret: str, name: str = "signing_secret") -> bytes:
     """The Standard Webhooks key of a secret: base64 after a ``whsec_``
-    prefix (padding optional), else the secret's UTF-8 bytes."""
+    prefix (padding optional), else the secret's UTF-8 bytes. ValueError
+    naming ``name`` for a bad one."""
     if not secret.startswith("whsec_"):
-        return secret.encode("utf-8")
+        return _text(name, secret).encode("utf-8")
     raw = secret[len("whsec_") :]
     try:
-        return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("signing_secret starts with 'whsec_' but the rest is not base64") from None
+        raise ValueError(f"{name} starts with 'whsec_' but the rest is not base64") from None
+    if not key:
+        raise ValueError(f"{name} 'whsec_' holds no key (nothing after the prefix)")
+    return key
+
+
+def _text(name: str, value: str) -> str:
+    """value, if it has a UTF-8 form (no lone surrogates); else ValueError."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} must be valid Unicode text (it holds a lone surrogate)") from None
+    return value
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
@@ -137,15 +150,17 @@ class NotifierConfig:
         _int_in("max_response_bytes", self.max_response_bytes, 0, 1 << 30)
         _secs_in("close_timeout_secs", self.close_timeout_secs, 0, 86_400)
         _secs_in("retention_secs", self.retention_secs, 0, 7 * 86_400)
-        if self.signature_scheme not in _SCHEMES:
+        if not isinstance(self.signature_scheme, str) or self.signature_scheme not in _SCHEMES:
             raise ValueError(
                 f"signature_scheme must be one of {', '.join(sorted(_SCHEMES))}; "
                 f"got {self.signature_scheme!r}"
             )
+        _text("signing_secret", self.signing_secret)
         if self.signing_secret:
             standard_key(self.signing_secret)  # a bad whsec_ secret fails here
         if not isinstance(self.user_agent, str):
             raise TypeError("user_agent must be a str")
+        _text("user_agent", self.user_agent)
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in self.user_agent) or "\x00" in self.user_agent:
             raise ValueError("user_agent must not contain control characters")
         if self.store_path is not None:
@@ -160,6 +175,10 @@ class NotifierConfig:
                 raise ValueError(
                     f"store_path must be a file path (None keeps deliveries in memory), got {path!r}"
                 )
+            try:
+                os.fsencode(path)
+            except UnicodeEncodeError:
+                raise ValueError("store_path has no file-system encoding (a lone surrogate?)") from None
         if self.durability not in ("batched", "sync"):
             raise ValueError(f"durability must be 'batched' or 'sync', got {self.durability!r}")
         _secs_in("delivered_retention_secs", self.delivered_retention_secs, 0, 365 * 86_400)

@@ -61,6 +61,25 @@ def _now() -> int:
 # __init__ of a dataclass uses for a default_factory (its repr is <factory>,
 # so the signature reads as before).
 _FACTORY: Any = getattr(dataclasses, "_HAS_DEFAULT_FACTORY", object())
+
+#: How deep a result may nest (lists and objects): far below the recursion
+#: limit, so that every subscriber and receiver can parse it.
+MAX_RESULT_DEPTH = 100
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]').finditer
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in compact JSON text."""
+    depth = deepest = 0
+    for m in _JSON_TOKEN(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif c in "]}":
+            depth -= 1
+    return deepest
 _set = object.__setattr__
 
 
@@ -69,8 +88,8 @@ class JobEvent:
     """One job lifecycle event, as sent to subscribers and webhooks.
 
     ``status`` accepts a JobStatus or its string value. ``progress`` is an int
-    from 0 to 100, ``result`` any JSON-serialisable value (checked when the
-    event is sent), ``error`` a str and ``timestamp`` unix seconds (default:
+    from 0 to 100, ``result`` any JSON-serialisable value nested at most
+    100 levels deep (checked when the event is sent: TypeError, ValueError), ``error`` a str and ``timestamp`` unix seconds (default:
     now). None fields are left out of the JSON.
     """
 
@@ -162,9 +181,13 @@ class JobEvent:
             parts += [',"progress":', str(self.progress)]
         if self.result is not None:
             try:
-                parts += [',"result":', _encode(self.result)]
+                encoded = _encode(self.result)
             except (TypeError, ValueError, RecursionError) as exc:
                 raise TypeError(f"result is not JSON-serialisable: {exc}") from None
+            if len(encoded) > 2 * MAX_RESULT_DEPTH and _json_depth(encoded) > MAX_RESULT_DEPTH:
+                # Every reader must be able to parse it, on any stack.
+                raise ValueError(f"result is nested more than {MAX_RESULT_DEPTH} levels deep")
+            parts += [',"result":', encoded]
         if self.error is not None:
             parts += [',"error":', _encode(self.error)]
         parts += [',"timestamp":', str(self.timestamp), "}"]
@@ -201,8 +224,11 @@ class JobEvent:
 
     @classmethod
     def from_json(cls, data: str | bytes) -> JobEvent:
-        """Parses the JSON form of an event."""
-        return cls.from_dict(json.loads(data))
+        """Parses the JSON form of an event (ValueError if it is not one)."""
+        try:
+            return cls.from_dict(json.loads(data))
+        except RecursionError:
+            raise ValueError("event JSON nested too deeply to parse") from None
 
 
 JobEvent.__init__.__annotations__["return"] = None  # as the generated one's

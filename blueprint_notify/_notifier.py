@@ -137,6 +137,8 @@ class JobNotifier:
         Unknown jobs and wrong tokens are both False. With a broker, a
         job registered by another process is checked in Redis (a round
         trip; BrokerError if Redis cannot be reached)."""
+        if not (_is_text(job_id) and _is_text(token)):
+            return False  # text without a UTF-8 form matches nothing
         if self._engine.validate_job_token(job_id, token):
             return True
         if self._broker is None:
@@ -145,6 +147,8 @@ class JobNotifier:
 
     async def validate_job_token_async(self, job_id: str, token: str) -> bool:
         """validate_job_token() without blocking the event loop on Redis."""
+        if not (_is_text(job_id) and _is_text(token)):
+            return False
         if self._engine.validate_job_token(job_id, token):
             return True
         if self._broker is None:
@@ -393,7 +397,7 @@ class JobNotifier:
             raise ValueError("new_secret must not be empty")
         if isinstance(overlap_secs, bool) or not isinstance(overlap_secs, (int, float)) or not 0 <= overlap_secs <= 30 * 86_400:
             raise ValueError(f"overlap_secs must be between 0 and {30 * 86_400}, got {overlap_secs!r}")
-        std = standard_key(new_secret)  # validates a whsec_ secret
+        std = standard_key(new_secret, "new_secret")  # validates it (whsec_, text)
         now = time.time()
         until = now + overlap_secs
         previous = [(secret, exp if exp else until) for secret, exp in self._secrets if secret and (not exp or exp > now)]
@@ -474,6 +478,20 @@ class JobNotifier:
             return "<JobNotifier from before fork(): unusable in this process>"
         state = "closed" if self.closed else "open"
         return f"<JobNotifier {state} pending={pending} channels={channels}>"
+
+
+def _is_text(value: object) -> bool:
+    """True for a str with a UTF-8 form (no lone surrogates); TypeError for
+    anything but a str."""
+    if not isinstance(value, str):
+        raise TypeError(f"job_id and token must be str, not {type(value).__name__}")
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @atexit.register

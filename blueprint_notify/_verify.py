@@ -39,8 +39,8 @@ def _same(expected: str, offered: str) -> bool:
 def _timestamp(value: str | None, name: str, tolerance: float, now: float) -> int:
     if value is None:
         raise SignatureError(f"missing {name} header")
-    if not (value.isascii() and value.isdigit()):
-        raise SignatureError(f"{name} is not an integer unix timestamp: {value!r}")
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        raise SignatureError(f"{name} is not an integer unix timestamp: {value[:40]!r}")
     ts = int(value)
     if ts < now - tolerance:
         raise SignatureError(f"{name} is {int(now - ts)} s old (tolerance {tolerance:g} s): stale or replayed")
@@ -66,13 +66,16 @@ def verify(
     a ``whsec_`` secret is base64-decoded) or the blueprint scheme
     (``X-Webhook-Timestamp``, ``X-Webhook-Signature: sha256=<hex>``). Several
     secrets may be given (during a rotation). Comparisons are constant time.
-    Raises :class:`SignatureError` on a bad signature or a timestamp more
-    than ``tolerance`` seconds away from now.
+    Raises :class:`SignatureError` on a bad signature, a timestamp more
+    than ``tolerance`` seconds away from now or a body that is not a JSON
+    object; TypeError for arguments of the wrong type.
     """
     if not isinstance(body, (bytes, bytearray, memoryview)):
         raise TypeError("body must be the raw request bytes")
     body = bytes(body)
     secrets = _secrets(secret)
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping of header names to values, not {type(headers).__name__}")
     h = {str(k).lower(): str(v) for k, v in headers.items()}
     now = time.time() if now is None else now
     if "webhook-signature" in h:
@@ -80,7 +83,10 @@ def verify(
         if not msg_id:
             raise SignatureError("missing webhook-id header")
         ts = _timestamp(h.get("webhook-timestamp"), "webhook-timestamp", tolerance, now)
-        signed = f"{msg_id}.{ts}.".encode() + body
+        try:
+            signed = f"{msg_id}.{ts}.".encode() + body
+        except UnicodeEncodeError:  # e.g. surrogate-escaped header bytes
+            raise SignatureError("webhook-id is not valid text") from None
         offered = [p.partition(",")[2] for p in h["webhook-signature"].split() if p.startswith("v1,")]
         ok = False
         for s in secrets:
@@ -107,6 +113,8 @@ def verify(
         payload = json.loads(body)
     except ValueError as exc:
         raise SignatureError(f"signed body is not JSON: {exc}") from None
+    except RecursionError:
+        raise SignatureError("signed body is JSON nested too deeply to parse") from None
     if not isinstance(payload, dict):
         raise SignatureError("signed body is not a JSON object")
     return payload

@@ -46,6 +46,7 @@ _PING = b": ping\n\n"
 _NO_HEADERS: tuple[tuple[bytes, bytes], ...] = ()
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _MAX_TICK = 0.25
+_MAX_SECONDS = 366 * 86_400.0  # a year: time options above it are mistakes
 
 _live_apps: weakref.WeakSet[SSEApp] = weakref.WeakSet()
 
@@ -122,8 +123,8 @@ def listening_socket(
 def _positive(name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= _MAX_SECONDS:
+        raise ValueError(f"{name} must be a positive number of seconds, at most {_MAX_SECONDS:g}, got {value!r}")
 
 
 class SSEApp:
@@ -150,8 +151,14 @@ class SSEApp:
             raise ValueError(f"retry_ms must be a non-negative int, got {retry_ms!r}")
         if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1):
             raise ValueError(f"max_streams must be a positive int or None, got {max_streams!r}")
-        if isinstance(allow_origins, (str, bytes)):
-            raise TypeError("allow_origins must be a collection of origins, e.g. ['https://app.example'], not a str")
+        if isinstance(allow_origins, (str, bytes)) or not isinstance(allow_origins, Iterable):
+            raise TypeError(
+                "allow_origins must be a collection of origins, e.g. ['https://app.example'], "
+                f"not {type(allow_origins).__name__}"
+            )
+        allow_origins = list(allow_origins)
+        if not all(isinstance(o, str) for o in allow_origins):
+            raise TypeError("allow_origins must hold str origins")
         if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.endswith("/"):
             raise ValueError(f"prefix must start with '/' and not end with one, got {prefix!r}")
         self.notifier = notifier
@@ -232,7 +239,7 @@ class SSEApp:
         raw_id = headers.get("last-event-id") or _first(query.get("last_event_id"))
         after = _FROM_OLDEST
         if raw_id:
-            raw_id = raw_id.strip()
+            raw_id = raw_id.strip(" \t")  # HTTP's whitespace only, not Unicode's
             # ASCII digits only (str.isdigit accepts '²' and '١'), below 2**63.
             if not (raw_id.isascii() and raw_id.isdigit() and len(raw_id) <= 19 and int(raw_id) < 2**63):
                 await _respond(send, 400, {"error": "invalid Last-Event-ID"}, cors)

@@ -116,12 +116,19 @@ static int get_timeout_ms(PyObject *o, int64_t *ms) {
     }
     double secs = PyFloat_AsDouble(o);
     if (secs == -1.0 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_SetString(PyExc_ValueError,
+                            "timeout must be at most 1e9 seconds (None: no "
+                            "limit)");
+            return -1;
+        }
         PyErr_Format(PyExc_TypeError, "timeout must be a number or None");
         return -1;
     }
     if (!(secs >= 0.0) || secs > 1e9) {
         PyErr_SetString(PyExc_ValueError,
-                        "timeout must be a non-negative number of seconds");
+                        "timeout must be a non-negative number of seconds, at "
+                        "most 1e9 (None: no limit)");
         return -1;
     }
     *ms = (int64_t)(secs * 1000.0 + 0.5);

@@ -381,3 +381,41 @@ def test_truncated_log_records_end_on_a_character_boundary(make_notifier, caplog
         assert "\ufffd" not in message, repr(message[-10:])
         assert message.endswith("✓")
         assert len(message.encode()) <= 511
+
+
+def test_webhook_url_passwords_stay_out_of_log_lines(make_notifier, caplog) -> None:
+    """Found by the property tests: the retry WARNING and dead-letter ERROR
+    lines printed the URL with its userinfo. The user and password are now
+    shown as ***; the dead letter keeps the real URL (redeliver needs it)."""
+    caplog.set_level(logging.WARNING, logger="blueprint_notify")
+    n = make_notifier(max_retries=1, retry_base_ms=1, allow_private_networks=True)
+    url = "http://user:s3cret-pw@127.0.0.1:1/hook?q=1"
+    n.notify("redact-job", JobEvent(DONE), url)
+    assert n.flush(5)
+    (dead,) = n.dead_letters()
+    assert dead.url == url
+    lines = [r.getMessage() for r in caplog.records if "redact-job" in r.getMessage()]
+    assert len(lines) == 2, lines  # one retry warning, one dead letter
+    assert all("s3cret-pw" not in line and "user" not in line for line in lines), lines
+    assert all("url=http://***@127.0.0.1:1/hook?q=1 " in line for line in lines), lines
+
+
+async def test_a_channel_made_by_subscribing_goes_with_its_last_subscriber(make_notifier) -> None:
+    """Found by the property tests: subscribe() then close() on jobs that
+    never had an event left live channels behind until ChannelLimitError.
+    Registered jobs and jobs with history keep their channel."""
+    n = make_notifier(max_channels=3)
+    for i in range(10):
+        sub = n.subscribe(f"empty-{i}")
+        sub.close()
+    assert n.active_channels() == 0
+    kept = n.subscribe("with-history")
+    n.notify("with-history", JobEvent(P, progress=1))
+    kept.close()
+    n.register_job("registered")
+    sub = n.subscribe("registered")
+    sub.close()
+    assert n.active_channels() == 2
+    late = n.subscribe("with-history", last_event_id=0)
+    assert (await late.get()).progress == 1
+    late.close()

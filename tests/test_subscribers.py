@@ -241,10 +241,17 @@ async def test_subscription_close(make_notifier) -> None:
     with pytest.raises(SubscriptionClosed):
         await sub.get()
     sub.close()  # idempotent
-    # The channel belongs to the job, not to the subscriber: it lives until
-    # the job's terminal event.
-    assert n.active_channels() == 1
+    # A channel that subscribing made and that never held an event goes with
+    # its last subscriber (else such channels pile up to max_channels).
+    assert n.active_channels() == 0
+    again = n.subscribe("sc")
     n.notify("sc", JobEvent(P, progress=5))
+    first = await again.get()
+    assert first.progress == 5
+    # Once it holds events (or is registered), the channel belongs to the
+    # job, not to its subscribers: it lives until the job's terminal event.
+    again.close()
+    assert n.active_channels() == 1
     again = n.subscribe("sc")
     assert n.active_channels() == 1
     n.notify("sc", JobEvent(DONE))

@@ -601,7 +601,17 @@ void bpn_sub_free(bpn_sub *s) {
         job->subs = s->next;
     if (s->next) s->next->prev = s->prev;
     hub->subscribers--;
-    job_unref(hub, job);
+    if (job->in_table && !job->subs && !job->has_token && !job->terminal &&
+        job->count == 0 && job->evicted == 0) {
+        /* A channel made by subscribing, that never held anything: it
+         * goes with its last subscriber instead of counting as live
+         * forever (max_channels). */
+        hub->live--;
+        job->refs--; /* the subscriber's; the table's goes next */
+        drop_from_table(hub, job);
+    } else {
+        job_unref(hub, job);
+    }
     bpn_hub_unlock(hub);
     free(s);
 }

@@ -20,8 +20,9 @@
 #include "store.h"
 #include "url.h"
 
-#define ERR_MAX  320
-#define LOG_RING 128
+#define ERR_MAX     320
+#define LOG_URL_MAX 1024 /* URLs in log lines are cut there */
+#define LOG_RING    128
 
 enum { LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
 
@@ -321,10 +322,12 @@ static void dead_letter_locked(bpn_delivery *d, dlv *x) {
     if (x->failed_at == 0) x->failed_at = bpn_wall_f();
     x->next = NULL;
     d->stats.dead_lettered++;
+    char shown[LOG_URL_MAX];
+    bpn_url_redact(x->url, shown, sizeof(shown));
     log_locked(d, LOG_ERROR,
                "webhook dead-lettered after %" PRIu32
                " attempt(s): job_id=%s url=%s error=%s",
-               x->attempts, x->job_id, x->url, x->last_error);
+               x->attempts, x->job_id, shown, x->last_error);
     if (d->cfg.max_dead_letters == 0) {
         d->stats.evicted++;
         forget_locked(d, x);
@@ -757,11 +760,13 @@ static void attempt_failed(bpn_delivery *d, lane *l, int final) {
                     ? x->retry_after_ms
                     : d->cfg.max_retry_delay_ms;
     x->retry_after_ms = 0;
+    char shown[LOG_URL_MAX];
+    bpn_url_redact(x->url, shown, sizeof(shown));
     pthread_mutex_lock(&d->mu);
     log_locked(d, LOG_WARNING,
                "webhook attempt %" PRIu32 " failed, retrying in %" PRIu64
                " ms: job_id=%s url=%s error=%s",
-               x->attempts, delay, x->job_id, x->url, x->last_error);
+               x->attempts, delay, x->job_id, shown, x->last_error);
     pthread_mutex_unlock(&d->mu);
     l->due_ms = bpn_now_ms() + delay;
     if (d->store &&

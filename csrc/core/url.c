@@ -19,6 +19,24 @@ static int url_check_uncached(const char *url, size_t len,
                               char origin[BPN_ORIGIN_MAX], char *err,
                               size_t errlen);
 
+void bpn_url_redact(const char *url, char *out, size_t outlen) {
+    if (outlen == 0) return;
+    const char *auth = strstr(url, "://");
+    const char *at = NULL;
+    if (auth) {
+        auth += 3;
+        /* The authority ends at the path, query or fragment. */
+        size_t n = strcspn(auth, "/?#");
+        for (size_t i = 0; i < n; i++)
+            if (auth[i] == '@') at = auth + i; /* the last one */
+    }
+    if (!at) {
+        snprintf(out, outlen, "%s", url);
+        return;
+    }
+    snprintf(out, outlen, "%.*s***%s", (int)(auth - url), url, at);
+}
+
 int bpn_url_check(const char *url, size_t len, char origin[BPN_ORIGIN_MAX],
                   char *err, size_t errlen) {
     if (len == cached_len && len > 0 && memcmp(url, cached_url, len) == 0) {

@@ -13,4 +13,9 @@
 int bpn_url_check(const char *url, size_t len, char origin[BPN_ORIGIN_MAX],
                   char *err, size_t errlen);
 
+/* Copies url into out (NUL-terminated, cut to outlen - 1 bytes) with its
+ * userinfo, if any, replaced by three asterisks: the user and password of
+ * an http URL never reach a log line; scheme, host and path do. */
+void bpn_url_redact(const char *url, char *out, size_t outlen);
+
 #endif
