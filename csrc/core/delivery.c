@@ -16,6 +16,7 @@
 #include "common.h"
 #include "map.h"
 #include "netguard.h"
+#include "retry_after.h"
 #include "sign.h"
 #include "store.h"
 #include "url.h"
@@ -772,20 +773,7 @@ static uint64_t retry_after_ms(CURL *easy) {
             CURLHE_OK ||
         !hdr || !hdr->value)
         return 0;
-    const char *v = hdr->value;
-    while (*v == ' ' || *v == '\t') v++;
-    if (*v >= '0' && *v <= '9') {
-        uint64_t secs = 0;
-        for (; *v >= '0' && *v <= '9'; v++) {
-            if (secs > UINT64_MAX / 10000) return UINT64_MAX;
-            secs = secs * 10 + (uint64_t)(*v - '0');
-        }
-        return secs * 1000;
-    }
-    time_t when = curl_getdate(v, NULL);
-    time_t now = time(NULL);
-    if (when == (time_t)-1 || when <= now) return 0;
-    return (uint64_t)(when - now) * 1000;
+    return bpn_retry_after_parse(hdr->value, time(NULL));
 }
 
 /* Appends a failed attempt to the delivery's log (the newest kept). */
