@@ -155,6 +155,12 @@ struct bpn_delivery {
     uint64_t store_log_ms; /* when a store failure was last logged */
 };
 
+/* Webhook-ids read back from the store are checked against this size (see
+ * bpn_store_row_valid). */
+_Static_assert(sizeof(((dlv *)0)->msg_id) ==
+                   sizeof(((bpn_dead_letter *)0)->msg_id),
+               "webhook-id buffers differ");
+
 /* ---- small helpers ------------------------------------------------------ */
 
 /* Four buckets per power of two: about 19% wide. */
@@ -1120,31 +1126,10 @@ static void submit_locked(bpn_delivery *d, dlv *x) {
 /* bpn_store_load's callback, before the thread starts: pending rows become
  * submissions (their lanes resume in id order, at their due times), dead
  * ones the dead-letter ring (oldest first; beyond the cap, the oldest go). */
-/* 1 if a row read back holds what notify() would have accepted: the file
- * may have been damaged or edited, and its job id and URL end up in
- * request headers and the request line. The origin is recomputed. */
-static int row_valid(const bpn_stored *r, char *origin) {
-    char err[128];
-    if (r->job_len == 0 || r->job_len > BPN_JOB_ID_MAX) return 0;
-    for (size_t i = 0; i < r->job_len; i++) {
-        unsigned char c = (unsigned char)r->job_id[i];
-        if (c < 0x20 || c == 0x7f) return 0;
-    }
-    size_t n = strlen(r->msg_id);
-    if (n == 0 || n >= sizeof(((dlv *)0)->msg_id)) return 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)r->msg_id[i];
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') ||
-              (c >= 'A' && c <= 'Z') || c == '_' || c == '-'))
-            return 0;
-    }
-    return bpn_url_check(r->url, strlen(r->url), origin, err, sizeof(err)) == 0;
-}
-
 static int recover_row(void *arg, const bpn_stored *r) {
     bpn_delivery *d = arg;
     char origin[BPN_ORIGIN_MAX];
-    if (!row_valid(r, origin)) return BPN_ESTORE;
+    if (!bpn_store_row_valid(r, origin)) return BPN_ESTORE;
     dlv *x = dlv_new(r->job_id, r->job_len, r->url, strlen(r->url), origin);
     if (!x) return BPN_ENOMEM;
     x->ev = bpn_event_from_payload(r->payload, r->payload_len);
