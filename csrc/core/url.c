@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -75,8 +76,11 @@ static int url_check_uncached(const char *url, size_t len,
         snprintf(err, errlen, "must have a host");
         goto exit;
     }
+    /* libcurl takes port 0, where nothing can be reached: every attempt
+     * would fail until the delivery is dead-lettered. */
     if (curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) !=
-        CURLUE_OK) {
+            CURLUE_OK ||
+        strtoul(port, NULL, 10) == 0) {
         snprintf(err, errlen, "has an invalid port");
         goto exit;
     }
