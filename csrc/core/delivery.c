@@ -534,7 +534,7 @@ static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose,
         const char *why = bpn_netguard_check(&a->addr, a->addrlen);
         if (why) {
             t->refused = why;
-            bpn_netguard_format(&a->addr, t->refused_addr,
+            bpn_netguard_format(&a->addr, a->addrlen, t->refused_addr,
                                 sizeof(t->refused_addr));
             return CURL_SOCKET_BAD;
         }
