@@ -1,5 +1,5 @@
-/* Hex, base64 and the webhook signatures (common.c, sign.c), fed arbitrary
- * keys, webhook-ids, timestamps and bodies.
+/* Hex, base64, UTF-8 validation and the webhook signatures (common.c,
+ * sign.c), fed arbitrary keys, webhook-ids, timestamps and bodies.
  *
  * Input: key length (byte 0) and key, webhook-id length (byte 1) and id,
  * timestamp (8 bytes), then the body. Properties:
@@ -14,7 +14,9 @@
  *     bpn_signer_std refuses (-1) exactly when "<id>.<ts>." does not fit
  *     its 160-byte prefix buffer;
  *   - a signer gives the same answer twice (the reused MAC context is
- *     reset between messages). */
+ *     reset between messages);
+ *   - bpn_utf8_valid agrees with an independent decoder (fuzz_util.h) on
+ *     the whole input and on every suffix of its first 16 bytes. */
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
@@ -75,9 +77,9 @@ static void check_sign(const uint8_t *key, size_t klen, const char *id,
     uint8_t mac[32];
     unsigned mlen = 0;
 
-    char *msg = malloc(200 + blen);
+    char *msg = malloc(256 + blen); /* "<id>.<ts>." < 180 + 22 */
     if (!msg) abort();
-    int plen = snprintf(msg, 200, "%lld.", (long long)ts);
+    int plen = snprintf(msg, 256, "%lld.", (long long)ts);
     memcpy(msg + plen, body, blen);
     HMAC(EVP_sha256(), klen ? key : (const uint8_t *)"", (int)klen,
          (const uint8_t *)msg, (size_t)plen + blen, mac, &mlen);
@@ -91,7 +93,7 @@ static void check_sign(const uint8_t *key, size_t klen, const char *id,
               "blueprint signature differs (round %d)", round);
     }
 
-    plen = snprintf(msg, 200, "%s.%lld.", id, (long long)ts);
+    plen = snprintf(msg, 256, "%s.%lld.", id, (long long)ts);
     int fits = plen < 160;
     memcpy(msg + plen, body, blen);
     HMAC(EVP_sha256(), klen ? key : (const uint8_t *)"", (int)klen,
@@ -124,6 +126,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int64_t ts = (int64_t)fuzz_u64(&in);
     size_t blen = fuzz_take(&in, size, &body);
 
+    for (size_t i = 0; i <= size && i < 16; i++)
+        CHECK(bpn_utf8_valid((const char *)data + i, size - i) ==
+                  fuzz_utf8_ok(data + i, size - i),
+              "UTF-8 verdicts differ from byte %zu", i);
     check_hex(data, size);
     check_base64(data, size);
     check_sign(key, klen, id, ts, body, blen);

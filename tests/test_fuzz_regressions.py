@@ -5,9 +5,13 @@ against the C harness as well."""
 
 from __future__ import annotations
 
+import socket
+import sqlite3
+from pathlib import Path
+
 import pytest
 
-from blueprint_notify import JobEvent, JobNotifier, JobStatus
+from blueprint_notify import JobEvent, JobNotifier, JobStatus, StoreError
 from blueprint_notify.testing import ReceivedRequest
 
 
@@ -42,3 +46,63 @@ def test_a_huge_retry_after_does_not_wrap_to_a_short_wait(make_notifier, receive
     assert [r.status for r in reqs] == [429, 200]
     (gap,) = gaps(reqs)
     assert 1.5 <= gap < 2.5, f"the 1500 ms cap should apply, retried after {gap:.3f} s"
+
+
+# -- fuzz/regressions/store_row/url-not-utf8 ------------------------------------------------------------
+def refused_url() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/down"
+
+
+def store_with_one_dead_letter(path: Path) -> None:
+    n = JobNotifier(
+        signing_secret="s", allow_private_networks=True, max_retries=0, timeout_secs=2, store_path=path
+    )
+    try:
+        n.notify("job", JobEvent(JobStatus.COMPLETED), refused_url())
+        assert n.flush(5)
+        assert len(n.dead_letters()) == 1
+    finally:
+        n.close(0)
+
+
+def damage(path: Path, column: str, value: bytes) -> None:
+    con = sqlite3.connect(path)
+    try:  # text that is not UTF-8, as a damaged or edited file may hold
+        con.execute(f"UPDATE deliveries SET {column} = CAST(? AS TEXT)", (value,))
+        con.commit()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("job_id", b"j\xffob"), ("url", b"http://127.0.0.1:1/\xff"), ("url", b"http://qooks\xb5example.com/")],
+)
+def test_a_row_that_is_not_utf8_is_refused_at_construction(tmp_path: Path, column: str, value: bytes) -> None:
+    """notify() only takes str, so a job id or URL that is not UTF-8 comes
+    from a damaged file. Such a row was accepted, then dead_letters() raised
+    UnicodeDecodeError on every call."""
+    store = tmp_path / "damaged.db"
+    store_with_one_dead_letter(store)
+    damage(store, column, value)
+    with pytest.raises(StoreError, match=r"row 1 is damaged"):
+        JobNotifier(signing_secret="s", store_path=store)
+
+
+def test_a_last_error_that_is_not_utf8_is_read_leniently(tmp_path: Path) -> None:
+    """last_error is the engine's own text (bounded, so it may be cut inside
+    a character); from a damaged file it may hold anything. dead_letters()
+    raised UnicodeDecodeError; now the bad bytes become U+FFFD."""
+    store = tmp_path / "damaged.db"
+    store_with_one_dead_letter(store)
+    damage(store, "last_error", b"x\xff\xe2\x82")
+    n = JobNotifier(signing_secret="s", store_path=store)
+    try:
+        (dead,) = n.dead_letters()
+        assert dead.last_error == "x\ufffd\ufffd"
+        assert dead.job_id == "job"
+    finally:
+        n.close(0)

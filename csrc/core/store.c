@@ -560,7 +560,12 @@ int bpn_store_row_valid(const bpn_stored *r, char origin[BPN_ORIGIN_MAX]) {
               (c >= 'A' && c <= 'Z') || c == '_' || c == '-'))
             return 0;
     }
-    return bpn_url_check(r->url, strlen(r->url), origin, err, sizeof(err)) == 0;
+    /* notify() takes Python str: its job ids and URLs are UTF-8, and the
+     * binding decodes them strictly (dead_letters()). */
+    size_t url_len = strlen(r->url);
+    return bpn_utf8_valid(r->job_id, r->job_len) &&
+           bpn_utf8_valid(r->url, url_len) &&
+           bpn_url_check(r->url, url_len, origin, err, sizeof(err)) == 0;
 }
 
 static int load_state(bpn_store *s, const char *sql,
