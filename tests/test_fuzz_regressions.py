@@ -106,3 +106,28 @@ def test_a_last_error_that_is_not_utf8_is_read_leniently(tmp_path: Path) -> None
         assert dead.job_id == "job"
     finally:
         n.close(0)
+
+
+# -- fuzz/regressions/ingest/gap-skips-held-events ------------------------------------------------------
+def test_a_gap_in_the_shared_history_does_not_skip_events_held_here() -> None:
+    """An entry from Redis whose previous id never arrived (trimmed before
+    this process read it) tells the job's readers they lagged. It also moved
+    their cursors past that id, so events this process held and the reader
+    had not read yet were skipped. Now the reader gets them, and the lag."""
+    from blueprint_notify import _core
+
+    PROCESSING = 1  # the core's status code (JobStatus order)
+    engine = _core.Engine(signing_secret=b"s", clock_ids=True)
+    waker = _core.Waker(engine, lambda: None)
+    sub = engine.subscribe("job", waker, lambda: None, None, 0)
+    try:
+        assert engine.ingest("job", 1, PROCESSING, b"{}", 0, 0)
+        assert engine.ingest("job", 16, PROCESSING, b"{}", 0, 8)  # 8 never arrived
+        assert not engine.ingest("job", 5, PROCESSING, b"{}", 0, 0)  # counted lost: not taken in late
+        events, skipped, ended = sub.pull(10)
+        assert [seq for seq, _status, _data in events] == [1, 16]
+        assert skipped == 1
+        assert not ended
+    finally:
+        sub.close()
+        engine.close(0)
