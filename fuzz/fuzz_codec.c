@@ -50,8 +50,7 @@ static void check_base64(const uint8_t *src, size_t n) {
     if (!out) abort();
     out[want] = 'X';
     size_t got = bpn_base64_encode(out, src, n);
-    CHECK(got == want, "%zu bytes gave %zu characters, want %zu", n, got,
-          want);
+    CHECK(got == want, "%zu bytes gave %zu characters, want %zu", n, got, want);
     CHECK(out[want] == 'X', "wrote past the end");
     size_t pad = n % 3 == 0 ? 0 : 3 - n % 3;
     for (size_t i = 0; i < want; i++) {
@@ -104,8 +103,7 @@ static void check_sign(const uint8_t *key, size_t klen, const char *id,
     for (int round = 0; round < 2; round++) {
         char b64[BPN_SIG_B64_LEN + 1];
         int rc = bpn_signer_std(s, id, ts, (const char *)body, blen, b64);
-        CHECK(rc == (fits ? 0 : -1), "id of %zu bytes: rc %d", strlen(id),
-              rc);
+        CHECK(rc == (fits ? 0 : -1), "id of %zu bytes: rc %d", strlen(id), rc);
         if (fits)
             CHECK(strcmp(b64, want_b64) == 0,
                   "standard signature differs (round %d)", round);

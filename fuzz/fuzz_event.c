@@ -43,8 +43,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t cap = 64 + json_len;
     char *want = malloc(cap);
     if (!want) abort();
-    int head = snprintf(want, cap, "id: %llu\nevent: %s\ndata: ",
-                        (unsigned long long)seq, bpn_status_names[status]);
+    int head = snprintf(want, cap,
+                        "id: %llu\nevent: %s\ndata: ", (unsigned long long)seq,
+                        bpn_status_names[status]);
     memcpy(want + head, json, json_len);
     memcpy(want + head + json_len, "\n\n", 2);
     size_t want_len = (size_t)head + json_len + 2;

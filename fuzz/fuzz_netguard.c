@@ -27,10 +27,10 @@
 static const char *check_exact(const void *sa, size_t len) {
     /* An exactly sized copy: reading past len is a heap overflow. */
     char *copy = fuzz_dup(sa, len, 0);
-    const char *why = bpn_netguard_check((const struct sockaddr *)copy,
-                                         (socklen_t)len);
-    const char *again = bpn_netguard_check((const struct sockaddr *)copy,
-                                           (socklen_t)len);
+    const char *why =
+        bpn_netguard_check((const struct sockaddr *)copy, (socklen_t)len);
+    const char *again =
+        bpn_netguard_check((const struct sockaddr *)copy, (socklen_t)len);
     CHECK(why == again, "not deterministic");
     CHECK(!why || why[0], "empty reason");
     free(copy);
@@ -86,7 +86,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const uint8_t *rest;
     size_t n = fuzz_take(&in, sizeof(ss), &rest);
     memcpy(&ss, rest, n);
-    int family = pick % 3 == 0 ? AF_INET : pick % 3 == 1 ? AF_INET6 : raw_family;
+    int family = pick % 3 == 0   ? AF_INET
+                 : pick % 3 == 1 ? AF_INET6
+                                 : raw_family;
     ss.ss_family = (sa_family_t)family;
 
     /* Whatever length, whatever family: no overread, a sane answer. */
@@ -108,8 +110,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             CHECK(why, "%u.%u.%u.%u allowed", a[0], a[1], a[2], a[3]);
         uint8_t m[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
         memcpy(m + 12, a, 4);
-        CHECK(check_v6_bytes(m) == why, "::ffff:%u.%u.%u.%u judged apart",
-              a[0], a[1], a[2], a[3]);
+        CHECK(check_v6_bytes(m) == why, "::ffff:%u.%u.%u.%u judged apart", a[0],
+              a[1], a[2], a[3]);
         uint8_t nat64[16] = {0, 0x64, 0xff, 0x9b};
         memcpy(nat64 + 12, a, 4);
         CHECK(check_v6_bytes(nat64) == why, "64:ff9b::%u.%u.%u.%u judged apart",

@@ -44,8 +44,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     while (*p == ' ' || *p == '\t') p++;
     if (*p >= '0' && *p <= '9') {
         uint64_t want = ref_digits(p);
-        CHECK(r == want, "\"%s\": %llu ms, want %llu", v,
-              (unsigned long long)r, (unsigned long long)want);
+        CHECK(r == want, "\"%s\": %llu ms, want %llu", v, (unsigned long long)r,
+              (unsigned long long)want);
         CHECK(bpn_retry_after_parse(v, 1700000000) == r,
               "\"%s\": depends on the time", v);
     } else {
@@ -57,11 +57,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 CHECK(later == 0, "\"%s\": 0, a second later %llu", v,
                       (unsigned long long)later);
             } else if (r != UINT64_MAX) {
-                CHECK(later == r - 1000, "\"%s\": %llu, a second later %llu",
-                      v, (unsigned long long)r, (unsigned long long)later);
+                CHECK(later == r - 1000, "\"%s\": %llu, a second later %llu", v,
+                      (unsigned long long)r, (unsigned long long)later);
             } else {
-                CHECK(later >= UINT64_MAX - 1000, "\"%s\": saturated, then %llu",
-                      v, (unsigned long long)later);
+                CHECK(later >= UINT64_MAX - 1000,
+                      "\"%s\": saturated, then %llu", v,
+                      (unsigned long long)later);
             }
         }
     }

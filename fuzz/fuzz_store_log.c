@@ -13,7 +13,6 @@
  *   - decode(encode(decode(blob))) == decode(blob) (with error texts
  *     compared as C strings: encoding stops at a NUL). */
 #include "../csrc/core/store.c"
-
 #include "fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

@@ -47,8 +47,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         "0123456789_-") == real_mlen;
     int job_ok = bpn_job_id_check(job, jlen, err, sizeof(err)) == 0 &&
                  fuzz_utf8_ok((const uint8_t *)job, jlen);
-    int url_ok = bpn_url_check(url, real_ulen, origin2, err, sizeof(err)) == 0 &&
-                 fuzz_utf8_ok((const uint8_t *)url, real_ulen);
+    int url_ok =
+        bpn_url_check(url, real_ulen, origin2, err, sizeof(err)) == 0 &&
+        fuzz_utf8_ok((const uint8_t *)url, real_ulen);
     int want = msg_ok && job_ok && url_ok;
     CHECK(ok == want,
           "row accepted %d, want %d (webhook-id ok %d, job id ok %d, URL ok "

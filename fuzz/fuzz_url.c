@@ -15,7 +15,6 @@
  *   - a refusal leaves a non-empty, NUL-terminated reason, even in a small
  *     err buffer (exactly sized, so ASan sees any overflow). */
 #include "../csrc/core/url.c"
-
 #include "fuzz_util.h"
 
 static void check_origin(const char *origin, const char *url) {

@@ -12,15 +12,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHECK(cond, ...)                                                 \
-    do {                                                                 \
-        if (!(cond)) {                                                   \
-            fprintf(stderr, "\nPROPERTY VIOLATED at %s:%d: %s\n  ",     \
-                    __FILE__, __LINE__, #cond);                          \
-            fprintf(stderr, __VA_ARGS__);                                \
-            fputc('\n', stderr);                                         \
-            abort();                                                     \
-        }                                                                \
+#define CHECK(cond, ...)                                                      \
+    do {                                                                      \
+        if (!(cond)) {                                                        \
+            fprintf(stderr, "\nPROPERTY VIOLATED at %s:%d: %s\n  ", __FILE__, \
+                    __LINE__, #cond);                                         \
+            fprintf(stderr, __VA_ARGS__);                                     \
+            fputc('\n', stderr);                                              \
+            abort();                                                          \
+        }                                                                     \
     } while (0)
 
 /* A heap copy of exactly n bytes (plus a NUL when nul is set), so ASan
@@ -87,8 +87,7 @@ static inline int fuzz_utf8_ok(const uint8_t *s, size_t n) {
             if ((s[i + j] & 0xc0) != 0x80) return 0;
             c = c << 6 | (s[i + j] & 0x3f);
         }
-        if (c < min || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff))
-            return 0;
+        if (c < min || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff)) return 0;
         i += k + 1;
     }
     return 1;
