@@ -10,8 +10,14 @@
  *     "http://" or "https://", a host (no control characters, spaces, '/',
  *     '?', '#', '@' or '\\': no path or userinfo leaks into it), ':' and a
  *     port 1..65535 without leading zeros;
- *   - the origin itself, as a URL with a "/" appended, is accepted with the
- *     same origin (origins are fixed points);
+ *   - no ASCII capital in the origin: one origin (one connection cap) per
+ *     host, however its URLs spell its case;
+ *   - when the URL has no '%', its origin, as a URL with a "/" appended, is
+ *     accepted with the same origin (origins are fixed points). libcurl
+ *     percent-decodes hosts after normalizing numeric IPv4 forms, so with a
+ *     '%' they are not: http://07064%33/ has the origin http://070643:80,
+ *     which is http://0.0.113.163:80 when parsed again, and "%25bb" or
+ *     "%2506" decode to "%bb" or "%06", other bytes on a second pass;
  *   - a refusal leaves a non-empty, NUL-terminated reason, even in a small
  *     err buffer (exactly sized, so ASan sees any overflow). */
 #include "../csrc/core/url.c"
@@ -68,12 +74,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
               "origins differ: %s / %s / %s", origin, origin2, origin3);
         check_origin(origin, url);
 
-        char again[BPN_ORIGIN_MAX + 2], origin4[BPN_ORIGIN_MAX];
-        int n = snprintf(again, sizeof(again), "%s/", origin);
-        int rc4 = bpn_url_check(again, (size_t)n, origin4, err, sizeof(err));
-        CHECK(rc4 == 0, "origin %s of %s refused: %s", origin, url, err);
-        CHECK(strcmp(origin, origin4) == 0, "origin of %s is %s, of %s is %s",
-              url, origin, again, origin4);
+        for (const char *c = origin; *c; c++)
+            CHECK(*c < 'A' || *c > 'Z', "capital in origin %s of %s", origin,
+                  url);
+        if (!memchr(data, '%', size)) {
+            char again[BPN_ORIGIN_MAX + 2], origin4[BPN_ORIGIN_MAX];
+            int n = snprintf(again, sizeof(again), "%s/", origin);
+            int rc4 =
+                bpn_url_check(again, (size_t)n, origin4, err, sizeof(err));
+            CHECK(rc4 == 0, "origin %s of %s refused: %s", origin, url, err);
+            CHECK(strcmp(origin, origin4) == 0,
+                  "origin of %s is %s, of %s is %s", url, origin, again,
+                  origin4);
+        }
     } else {
         CHECK(strnlen(err, sizeof(err)) < sizeof(err) && err[0],
               "no reason for refusing %s", url);

@@ -35,6 +35,7 @@ def url() -> None:
         "punycode": "https://xn--bcher-kva.example/",
         "percent-host": "http://ex%61mple.com/",
         "percent-crlf": "http://example.com/%0d%0aX-Injected:%201",
+        "percent-25-host": "https://ab%25bbcd.example/",
         "port-max": "http://example.com:65535/",
         "port-too-big": "http://example.com:65536/",
         "port-zero": "http://example.com:0/",

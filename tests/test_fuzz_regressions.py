@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -131,3 +134,35 @@ def test_a_gap_in_the_shared_history_does_not_skip_events_held_here() -> None:
     finally:
         sub.close()
         engine.close(0)
+
+
+# -- fuzz/fuzz_url.c: origins have no capitals ----------------------------------------------------------
+def test_host_case_does_not_split_the_per_host_connection_limit(make_notifier, receiver) -> None:
+    """The engine keeps max_connections_per_host per origin (scheme://host:port)
+    and holds a job's delivery back while its host is at the cap. The host
+    kept its case there, so http://localhost and http://LOCALHOST were two
+    hosts: the second transfer went to libcurl at once and waited there for
+    the connection (libcurl caps hosts too, ignoring case) with its timeout
+    running, and timed out."""
+    port = urlsplit(receiver.url).port
+    lock = threading.Lock()
+    active = peak = 0
+
+    def slow(req: ReceivedRequest) -> None:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.7)
+        with lock:
+            active -= 1
+        return None  # answer from the script: 200
+
+    receiver.set_handler(slow)
+    n = make_notifier(max_connections_per_host=1, timeout_secs=1)
+    n.notify("job-a", JobEvent(JobStatus.COMPLETED), f"http://localhost:{port}/a")
+    n.notify("job-b", JobEvent(JobStatus.COMPLETED), f"http://LOCALHOST:{port}/b")
+    assert n.flush(5)
+    assert [d.last_error for d in n.dead_letters()] == []
+    assert sorted(r.path for r in receiver.requests) == ["/a", "/b"]
+    assert peak == 1

@@ -84,6 +84,10 @@ static int url_check_uncached(const char *url, size_t len,
         snprintf(err, errlen, "has an invalid port");
         goto exit;
     }
+    /* Host names are case-insensitive: one origin (one connection cap) per
+     * host however its URLs spell it. libcurl lowercases the scheme. */
+    for (char *c = host; *c; c++)
+        if (*c >= 'A' && *c <= 'Z') *c = (char)(*c - 'A' + 'a');
     if ((size_t)snprintf(origin, BPN_ORIGIN_MAX, "%s://%s:%s", scheme, host,
                          port) >= BPN_ORIGIN_MAX) {
         snprintf(err, errlen, "host name is too long");
