@@ -49,6 +49,12 @@ def url() -> None:
         "at-in-path": "https://example.com/@evil.com",
         "long-host": "https://" + "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 61 + "/",
         "huge-host": "https://" + "h" * 600 + "/",
+        "cache-edge-512": "https://example.com/" + "p" * (512 - 20),
+        "cache-edge-513": "https://example.com/" + "p" * (513 - 20),
+        # The longest URL, and one byte more: these also raise libFuzzer's
+        # default input size limit (4096) for this target.
+        "max-4096": "https://example.com/" + "p" * (4096 - 20),
+        "too-long-4097": "https://example.com/" + "p" * (4097 - 20),
     }
     for name, value in seeds.items():
         write("url", name, value.encode())
@@ -216,6 +222,8 @@ def store_row() -> None:
     write("store_row", "url-gopher", row(b"job", good_msg, b"gopher://127.0.0.1/"))
     write("store_row", "url-not-utf8", row(b"job", good_msg, b"http://qooks\xb5example.com/"))
     write("store_row", "url-nul-inside", row(b"job", good_msg, b"https://example.com/\x00\r\nX: 1"))
+    write("store_row", "url-max-4096", row(b"job", good_msg, b"https://example.com/" + b"p" * (4096 - 20)))
+    write("store_row", "url-too-long-4097", row(b"job", good_msg, b"https://example.com/" + b"p" * (4097 - 20)))
 
 
 def store_log() -> None:
