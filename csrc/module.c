@@ -707,14 +707,19 @@ static PyObject *Engine_dead_letters(PyObject *op, PyObject *unused) {
     if (!list) goto exit;
     for (size_t i = 0; i < n; i++) {
         bpn_dead_letter *v = &arr[i];
-        PyObject *log = attempt_list(v->log, v->nlog);
+        /* The error text may be cut inside a character (it is bounded), or
+         * come damaged from the store: decoded leniently, like the log. */
+        PyObject *last = PyUnicode_DecodeUTF8(
+            v->last_error, (Py_ssize_t)strlen(v->last_error), "replace");
+        PyObject *log = last ? attempt_list(v->log, v->nlog) : NULL;
         PyObject *item =
-            log ? Py_BuildValue("(Ks#sIsy#dsN)", (unsigned long long)v->id,
+            log ? Py_BuildValue("(Ks#sINy#dsN)", (unsigned long long)v->id,
                                 v->job_id, (Py_ssize_t)v->job_len, v->url,
-                                (unsigned int)v->attempts, v->last_error,
-                                v->ev->payload, (Py_ssize_t)v->ev->payload_len,
-                                v->failed_at, v->msg_id, log)
+                                (unsigned int)v->attempts, last, v->ev->payload,
+                                (Py_ssize_t)v->ev->payload_len, v->failed_at,
+                                v->msg_id, log)
                 : NULL;
+        if (!log) Py_XDECREF(last);
         if (!item) {
             Py_CLEAR(list);
             goto exit;

@@ -405,6 +405,18 @@ static void lose_locked(bpn_job *job, uint64_t id) {
     if (id > job->evicted_max) job->evicted_max = id;
 }
 
+/* Counts events that never reached this process, up to id (dropped from
+ * the shared history before we read them), as lost for every subscriber
+ * that had not read that far. Unlike lose_locked the cursors stay where
+ * they are: the events the ring holds below id are still there to read.
+ * Those missing events are not taken in later (evicted_max). */
+static void gap_locked(bpn_job *job, uint64_t id) {
+    for (bpn_sub *s = job->subs; s; s = s->next)
+        if (s->cursor < id) s->lost++;
+    job->evicted++;
+    if (id > job->evicted_max) job->evicted_max = id;
+}
+
 static void evict_oldest_locked(bpn_hub *hub, bpn_job *job) {
     bpn_event *old = job->ring[job->head];
     lose_locked(job, old->seq);
@@ -494,7 +506,7 @@ int bpn_hub_ingest(bpn_hub *hub, const char *id, size_t len, bpn_event *ev,
     if (prev > job->last_id && prev < event_id)
         /* The event before it never reached us: dropped from the shared
          * history meanwhile. Readers before it lagged (by at least one). */
-        lose_locked(job, prev);
+        gap_locked(job, prev);
     size_t pos = ring_after(hub, job, event_id);
     bpn_event_set_seq(ev, event_id);
     if (pos == job->count)

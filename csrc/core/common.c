@@ -97,6 +97,38 @@ size_t bpn_base64_encode(char *dst, const uint8_t *src, size_t n) {
     return o;
 }
 
+int bpn_utf8_valid(const char *s, size_t n) {
+    /* The well-formed byte sequences of Unicode's table 3-7. */
+    const unsigned char *p = (const unsigned char *)s, *end = p + n;
+    while (p < end) {
+        unsigned c = *p;
+        if (c < 0x80) {
+            p++;
+            continue;
+        }
+        size_t k;                      /* continuation bytes */
+        unsigned lo = 0x80, hi = 0xbf; /* range of the second byte */
+        if (c >= 0xc2 && c <= 0xdf) {
+            k = 1;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            k = 2;
+            if (c == 0xe0) lo = 0xa0; /* overlong */
+            if (c == 0xed) hi = 0x9f; /* surrogates */
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            k = 3;
+            if (c == 0xf0) lo = 0x90; /* overlong */
+            if (c == 0xf4) hi = 0x8f; /* above U+10FFFF */
+        } else {
+            return 0;
+        }
+        if ((size_t)(end - p) <= k || p[1] < lo || p[1] > hi) return 0;
+        for (size_t i = 2; i <= k; i++)
+            if ((p[i] & 0xc0) != 0x80) return 0;
+        p += k + 1;
+    }
+    return 1;
+}
+
 const char *bpn_strerror(int err) {
     switch (err) {
         case BPN_OK: return "success";

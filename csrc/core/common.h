@@ -60,6 +60,10 @@ void bpn_hex_encode(char *dst, const uint8_t *src, size_t n);
  * 4 * ((n + 2) / 3) bytes; returns the length written (no terminator). */
 size_t bpn_base64_encode(char *dst, const uint8_t *src, size_t n);
 
+/* 1 if s[0..n) is well-formed UTF-8 (what Python's strict decoder takes:
+ * no overlong forms, surrogates or code points above U+10FFFF), else 0. */
+int bpn_utf8_valid(const char *s, size_t n);
+
 /* Returns a human-readable message for an error code. */
 const char *bpn_strerror(int err);
 

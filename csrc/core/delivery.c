@@ -16,6 +16,7 @@
 #include "common.h"
 #include "map.h"
 #include "netguard.h"
+#include "retry_after.h"
 #include "sign.h"
 #include "store.h"
 #include "url.h"
@@ -156,6 +157,12 @@ struct bpn_delivery {
     uint64_t next_prune_ms;
     uint64_t store_log_ms; /* when a store failure was last logged */
 };
+
+/* Webhook-ids read back from the store are checked against this size (see
+ * bpn_store_row_valid). */
+_Static_assert(sizeof(((dlv *)0)->msg_id) ==
+                   sizeof(((bpn_dead_letter *)0)->msg_id),
+               "webhook-id buffers differ");
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -547,7 +554,7 @@ static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose,
         const char *why = bpn_netguard_check(&a->addr, a->addrlen);
         if (why) {
             t->refused = why;
-            bpn_netguard_format(&a->addr, t->refused_addr,
+            bpn_netguard_format(&a->addr, a->addrlen, t->refused_addr,
                                 sizeof(t->refused_addr));
             return CURL_SOCKET_BAD;
         }
@@ -798,20 +805,7 @@ static uint64_t retry_after_ms(CURL *easy) {
             CURLHE_OK ||
         !hdr || !hdr->value)
         return 0;
-    const char *v = hdr->value;
-    while (*v == ' ' || *v == '\t') v++;
-    if (*v >= '0' && *v <= '9') {
-        uint64_t secs = 0;
-        for (; *v >= '0' && *v <= '9'; v++) {
-            if (secs > UINT64_MAX / 10000) return UINT64_MAX;
-            secs = secs * 10 + (uint64_t)(*v - '0');
-        }
-        return secs * 1000;
-    }
-    time_t when = curl_getdate(v, NULL);
-    time_t now = time(NULL);
-    if (when == (time_t)-1 || when <= now) return 0;
-    return (uint64_t)(when - now) * 1000;
+    return bpn_retry_after_parse(hdr->value, time(NULL));
 }
 
 /* Appends a failed attempt to the delivery's log (the newest kept). */
@@ -1183,31 +1177,10 @@ static void submit_locked(bpn_delivery *d, dlv *x) {
 /* bpn_store_load's callback, before the thread starts: pending rows become
  * submissions (their lanes resume in id order, at their due times), dead
  * ones the dead-letter ring (oldest first; beyond the cap, the oldest go). */
-/* 1 if a row read back holds what notify() would have accepted: the file
- * may have been damaged or edited, and its job id and URL end up in
- * request headers and the request line. The origin is recomputed. */
-static int row_valid(const bpn_stored *r, char *origin) {
-    char err[128];
-    if (r->job_len == 0 || r->job_len > BPN_JOB_ID_MAX) return 0;
-    for (size_t i = 0; i < r->job_len; i++) {
-        unsigned char c = (unsigned char)r->job_id[i];
-        if (c < 0x20 || c == 0x7f) return 0;
-    }
-    size_t n = strlen(r->msg_id);
-    if (n == 0 || n >= sizeof(((dlv *)0)->msg_id)) return 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)r->msg_id[i];
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') ||
-              (c >= 'A' && c <= 'Z') || c == '_' || c == '-'))
-            return 0;
-    }
-    return bpn_url_check(r->url, strlen(r->url), origin, err, sizeof(err)) == 0;
-}
-
 static int recover_row(void *arg, const bpn_stored *r) {
     bpn_delivery *d = arg;
     char origin[BPN_ORIGIN_MAX];
-    if (!row_valid(r, origin)) return BPN_ESTORE;
+    if (!bpn_store_row_valid(r, origin)) return BPN_ESTORE;
     dlv *x = dlv_new(r->job_id, r->job_len, r->url, strlen(r->url), origin);
     if (!x) return BPN_ENOMEM;
     x->ev = bpn_event_from_payload(r->payload, r->payload_len);

@@ -83,6 +83,8 @@ static const char *check_v6(const uint8_t *b) {
 }
 
 const char *bpn_netguard_check(const struct sockaddr *sa, socklen_t len) {
+    if (len < (socklen_t)sizeof(sa->sa_family))
+        return "address too short to name its family";
     if (sa->sa_family == AF_INET &&
         len >= (socklen_t)sizeof(struct sockaddr_in)) {
         const struct sockaddr_in *in =
@@ -98,12 +100,16 @@ const char *bpn_netguard_check(const struct sockaddr *sa, socklen_t len) {
     return "address family other than IPv4/IPv6";
 }
 
-void bpn_netguard_format(const struct sockaddr *sa, char *buf, size_t size) {
+void bpn_netguard_format(const struct sockaddr *sa, socklen_t len, char *buf,
+                         size_t size) {
     const void *addr = NULL;
-    if (sa->sa_family == AF_INET)
+    int family =
+        len >= (socklen_t)sizeof(sa->sa_family) ? sa->sa_family : AF_UNSPEC;
+    if (family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in))
         addr = &((const struct sockaddr_in *)(const void *)sa)->sin_addr;
-    else if (sa->sa_family == AF_INET6)
+    else if (family == AF_INET6 &&
+             len >= (socklen_t)sizeof(struct sockaddr_in6))
         addr = &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr;
-    if (!addr || !inet_ntop(sa->sa_family, addr, buf, (socklen_t)size))
+    if (!addr || !inet_ntop(family, addr, buf, (socklen_t)size))
         snprintf(buf, size, "(unknown address)");
 }

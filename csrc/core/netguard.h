@@ -10,7 +10,9 @@
  * they carry. The result is a static string. */
 const char *bpn_netguard_check(const struct sockaddr *sa, socklen_t len);
 
-/* Renders the address as text into buf (for error messages). */
-void bpn_netguard_format(const struct sockaddr *sa, char *buf, size_t size);
+/* Renders the address (len bytes at sa) as text into buf, NUL-terminated
+ * (size >= 1), for error messages. */
+void bpn_netguard_format(const struct sockaddr *sa, socklen_t len, char *buf,
+                         size_t size);
 
 #endif

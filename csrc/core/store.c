@@ -545,6 +545,29 @@ uint64_t bpn_store_dirty_since(const bpn_store *s) {
 
 /* ---- reading back ------------------------------------------------------- */
 
+int bpn_store_row_valid(const bpn_stored *r, char origin[BPN_ORIGIN_MAX]) {
+    char err[128];
+    if (r->job_len == 0 || r->job_len > BPN_JOB_ID_MAX) return 0;
+    for (size_t i = 0; i < r->job_len; i++) {
+        unsigned char c = (unsigned char)r->job_id[i];
+        if (c < 0x20 || c == 0x7f) return 0;
+    }
+    size_t n = strlen(r->msg_id);
+    if (n == 0 || n >= sizeof(((bpn_dead_letter *)0)->msg_id)) return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)r->msg_id[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') ||
+              (c >= 'A' && c <= 'Z') || c == '_' || c == '-'))
+            return 0;
+    }
+    /* notify() takes Python str: its job ids and URLs are UTF-8, and the
+     * binding decodes them strictly (dead_letters()). */
+    size_t url_len = strlen(r->url);
+    return bpn_utf8_valid(r->job_id, r->job_len) &&
+           bpn_utf8_valid(r->url, url_len) &&
+           bpn_url_check(r->url, url_len, origin, err, sizeof(err)) == 0;
+}
+
 static int load_state(bpn_store *s, const char *sql,
                       int (*cb)(void *, const bpn_stored *), void *arg,
                       char *err, size_t errlen) {

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "delivery.h"
+#include "url.h"
 
 typedef struct bpn_store bpn_store;
 
@@ -40,6 +41,12 @@ typedef struct {
     const bpn_attempt *log;
     uint32_t nlog;
 } bpn_stored;
+
+/* 1 if a row read back holds what notify() would have accepted (job id,
+ * webhook-id, URL; job id and URL valid UTF-8): the file may have been damaged
+ * or edited, and these end up in request headers and the request line. Writes
+ * the URL's origin, recomputed, into origin. Pure: no database involved. */
+int bpn_store_row_valid(const bpn_stored *r, char origin[BPN_ORIGIN_MAX]);
 
 /* Opens (creating if needed) the store at path, checks it (lock, format,
  * integrity, writability) and prunes delivered rows older than

@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -93,11 +94,18 @@ static int url_check_uncached(const char *url, size_t len,
         snprintf(err, errlen, "must have a host");
         goto exit;
     }
+    /* libcurl takes port 0, where nothing can be reached: every attempt
+     * would fail until the delivery is dead-lettered. */
     if (curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) !=
-        CURLUE_OK) {
+            CURLUE_OK ||
+        strtoul(port, NULL, 10) == 0) {
         snprintf(err, errlen, "has an invalid port");
         goto exit;
     }
+    /* Host names are case-insensitive: one origin (one connection cap) per
+     * host however its URLs spell it. libcurl lowercases the scheme. */
+    for (char *c = host; *c; c++)
+        if (*c >= 'A' && *c <= 'Z') *c = (char)(*c - 'A' + 'a');
     if ((size_t)snprintf(origin, BPN_ORIGIN_MAX, "%s://%s:%s", scheme, host,
                          port) >= BPN_ORIGIN_MAX) {
         snprintf(err, errlen, "host name is too long");

@@ -7,9 +7,11 @@
 
 #define BPN_ORIGIN_MAX 512
 
-/* Checks that url is an absolute http(s) URL with a host and no control
- * characters or spaces, and writes its origin "scheme://host:port" into
- * origin. Returns 0, or -1 with a reason in err. */
+/* Checks that url is an absolute http(s) URL with a host, a port other
+ * than 0 and no control characters or spaces, and writes its origin
+ * "scheme://host:port" into origin. url[len] must be readable and '\0' (a
+ * NUL before it is refused). Returns 0, or -1 with a reason in err
+ * (errlen >= 1). */
 int bpn_url_check(const char *url, size_t len, char origin[BPN_ORIGIN_MAX],
                   char *err, size_t errlen);
 
