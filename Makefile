@@ -9,6 +9,9 @@
 #   make demo-terminal  examples/orchestrator.py, the terminal-only demo
 #   make bench       every benchmark (bench/run.py), writes docs/BENCHMARKS.md
 #                    (installs .[bench], nginx-light, wrk, valgrind)
+#   make tsan        ThreadSanitizer run of the C core's threads (tools/tsan.sh)
+#   make fuzz        libFuzzer on every C parser, 5 min each (tools/fuzz.sh)
+#   make soak        1,000,000 events with a flaky receiver (tools/soak.py)
 #   make clean       build outputs (keeps .venv); distclean also removes .venv
 #
 # Second runs are cheap. The install is stamped in .venv and redone only when
@@ -77,10 +80,10 @@ export PIP_NO_INPUT := 1
 ASAN_RUN := tools/asan-env
 
 .PHONY: test test-asan asan-selfcheck demo demo-terminal bench build build-asan install sysdeps \
-	clean distclean help
+	tsan fuzz soak clean distclean help
 
 help:
-	@sed -n '2,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '2,15s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # ---- setup ------------------------------------------------------------------
 
@@ -157,6 +160,24 @@ $(BENCH_STAMP): pyproject.toml setup.py $(INSTALL_STAMP)
 bench: $(BENCH_STAMP)
 	@$(MAKE) build
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# ---- hardening (docs/RELIABILITY.md) -----------------------------------------
+
+# A C driver over the core's threaded paths, built with -fsanitize=thread
+# (not the extension). TSAN_ARGS=--long for a longer run.
+tsan:
+	tools/tsan.sh $(TSAN_ARGS)
+
+# libFuzzer harnesses (clang; installed as root if missing), 5 minutes per
+# target; FUZZ_ARGS=--ci for the one-minute run of CI, --time S per target.
+fuzz:
+	tools/fuzz.sh $(FUZZ_ARGS)
+
+# 1,000,000 events, a quarter to a flaky receiver, SSE subscribers
+# attached; every count must add up and RSS grow < 10 %. SOAK_ARGS=--ci
+# for the one-minute run of CI.
+soak: build
+	$(PY) tools/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(FLAVOR_FILE)
