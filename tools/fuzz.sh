@@ -26,7 +26,7 @@
 #
 # Needs clang with libFuzzer (Debian: apt-get install clang); installs it
 # with apt-get when run as root and it is missing. Env: CC (default: clang),
-# FUZZ_ARGS (extra libFuzzer flags, e.g. FUZZ_ARGS=-seed=1).
+# LIBFUZZER_FLAGS (extra libFuzzer flags, e.g. LIBFUZZER_FLAGS=-seed=1).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -168,7 +168,7 @@ build_secs=$((SECONDS - build_start))
 # tools/asan-env sets, would hide the reports from the logs read here).
 export ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:handle_abort=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-read -r -a EXTRA <<<"${FUZZ_ARGS:-}"
+read -r -a EXTRA <<<"${LIBFUZZER_FLAGS:-}"
 
 failed=0
 rows=()
