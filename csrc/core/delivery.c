@@ -47,6 +47,7 @@ typedef struct dlv {
     int stored;              /* its row exists in the store */
     bpn_attempt *log;        /* failed attempts, oldest first */
     uint32_t nlog;
+    uint32_t log_cap; /* entries allocated: grows to BPN_ATTEMPT_LOG_MAX */
     char msg_id[40];
     char last_error[ERR_MAX];
     char strs[];
@@ -810,9 +811,15 @@ static uint64_t retry_after_ms(CURL *easy) {
 
 /* Appends a failed attempt to the delivery's log (the newest kept). */
 static void log_attempt(dlv *x, transfer *t, long status) {
-    if (!x->log) {
-        x->log = calloc(BPN_ATTEMPT_LOG_MAX, sizeof(*x->log));
-        if (!x->log) return; /* the log is best effort; last_error stays */
+    if (x->nlog == x->log_cap && x->log_cap < BPN_ATTEMPT_LOG_MAX) {
+        /* Grown as needed (4, 8, ... 50): a dead letter keeps its log, and
+         * most fail a few times only. */
+        uint32_t cap = x->log_cap ? x->log_cap * 2 : 4;
+        if (cap > BPN_ATTEMPT_LOG_MAX) cap = BPN_ATTEMPT_LOG_MAX;
+        bpn_attempt *grown = realloc(x->log, cap * sizeof(*x->log));
+        if (!grown) return; /* the log is best effort; last_error stays */
+        x->log = grown;
+        x->log_cap = cap;
     }
     if (x->nlog == BPN_ATTEMPT_LOG_MAX) {
         memmove(x->log, x->log + 1,
@@ -1184,13 +1191,14 @@ static int recover_row(void *arg, const bpn_stored *r) {
     dlv *x = dlv_new(r->job_id, r->job_len, r->url, strlen(r->url), origin);
     if (!x) return BPN_ENOMEM;
     x->ev = bpn_event_from_payload(r->payload, r->payload_len);
-    if (r->nlog) x->log = calloc(BPN_ATTEMPT_LOG_MAX, sizeof(*x->log));
+    if (r->nlog) x->log = calloc(r->nlog, sizeof(*x->log));
     if (!x->ev || (r->nlog && !x->log)) {
         dlv_free(x);
         return BPN_ENOMEM;
     }
     if (r->nlog) memcpy(x->log, r->log, r->nlog * sizeof(*x->log));
     x->nlog = r->nlog;
+    x->log_cap = r->nlog;
     x->id = r->id;
     x->stored = 1;
     x->attempts = r->attempts;
