@@ -529,7 +529,11 @@ async def _mid_frame(tmp_path: Path) -> None:
     assert after["gc_objects"] - base["gc_objects"] < 240, (base, after)
     assert_clean_log(server)
     if not SANITIZER:
-        assert after["hwm_kb"] - base["rss_kb"] < 100 * KB_PER_MB
+        # Bounded by what is in flight at once: up to 60 clients of the
+        # 256 KiB frames, each stream's first chunk holding up to 4 of them
+        # (1 MiB) plus the transport's copy. 15 MB on a quiet machine, 140
+        # MB seen in a CI run where they overlapped more.
+        assert after["hwm_kb"] - base["rss_kb"] < 200 * KB_PER_MB
 
 
 def test_clients_leaving_mid_frame_are_freed_without_errors(tmp_path: Path) -> None:
