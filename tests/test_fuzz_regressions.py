@@ -153,7 +153,7 @@ def test_host_case_does_not_split_the_per_host_connection_limit(make_notifier, r
         with lock:
             active += 1
             peak = max(peak, active)
-        time.sleep(0.7)
+        time.sleep(0.7)  # server-side delay: the receiver answers slowly
         with lock:
             active -= 1
         return None  # answer from the script: 200
