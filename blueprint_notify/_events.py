@@ -184,7 +184,11 @@ class JobEvent:
                 encoded = _encode(self.result)
             except (TypeError, ValueError, RecursionError) as exc:
                 raise TypeError(f"result is not JSON-serialisable: {exc}") from None
-            if len(encoded) > 2 * MAX_RESULT_DEPTH and _json_depth(encoded) > MAX_RESULT_DEPTH:
+            if (
+                len(encoded) > 2 * MAX_RESULT_DEPTH
+                and encoded.count("[") + encoded.count("{") > MAX_RESULT_DEPTH  # C-speed precheck
+                and _json_depth(encoded) > MAX_RESULT_DEPTH
+            ):
                 # Every reader must be able to parse it, on any stack.
                 raise ValueError(f"result is nested more than {MAX_RESULT_DEPTH} levels deep")
             parts += [',"result":', encoded]
