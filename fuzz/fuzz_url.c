@@ -8,8 +8,10 @@
  *     or NUL;
  *   - its origin is NUL-terminated within BPN_ORIGIN_MAX and reads
  *     "http://" or "https://", a host (no control characters, spaces, '/',
- *     '?', '#', '@' or '\\': no path or userinfo leaks into it), ':' and a
+ *     '?', '#', '@' or '\\': no path or userinfo leaks into it; no DEL, which
+ *     libcurl decodes from "%7f"), ':' and a
  *     port 1..65535 without leading zeros;
+ *   - the origin's host is UTF-8 (libcurl decodes "%ff" into the host);
  *   - no ASCII capital in the origin: one origin (one connection cap) per
  *     host, however its URLs spell its case;
  *   - when the URL has no '%', its origin, as a URL with a "/" appended, is
@@ -40,6 +42,8 @@ static void check_origin(const char *origin, const char *url) {
         CHECK(b > 0x20 && b != 0x7f && !strchr("/?#@\\", b),
               "origin %s of %s: byte 0x%02x in the host", origin, url, b);
     }
+    CHECK(bpn_utf8_valid(host, (size_t)(colon - host)),
+          "origin %s of %s: host is not UTF-8", origin, url);
     const char *port = colon + 1;
     size_t plen = strlen(port);
     CHECK(plen >= 1 && plen <= 5 && port[0] != '0' &&

@@ -36,6 +36,25 @@ def test_port_zero_is_refused_at_notify(url: str) -> None:
         n.close(0)
 
 
+# -- fuzz/regressions/url/percent-{7f,ff}-host ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "url", ["http://a%7fb.example/", "http://a%7Fb/", "https://%ff.example/x", "http://a%80b.example/"]
+)
+def test_a_host_that_decodes_to_del_or_non_utf8_is_refused(url: str) -> None:
+    """libcurl percent-decodes hosts and refuses control characters there,
+    but not DEL or bytes that are not UTF-8: such a URL was accepted, could
+    never resolve, and put the raw byte into last_error and log lines."""
+    n = JobNotifier(signing_secret="s")
+    try:
+        with pytest.raises(ValueError, match="webhook_url host must not decode to DEL"):
+            n.notify("job", JobEvent(JobStatus.QUEUED), url)
+        assert n.stats()["submitted"] == 0
+        # An international name, percent-encoded as UTF-8, is still a host.
+        n.notify("job", JobEvent(JobStatus.QUEUED), "http://b%C3%BCcher.example/")
+    finally:
+        n.close(0)
+
+
 # -- fuzz/regressions/retry_after/seconds-wrap-to-384ms -------------------------------------------------
 def test_a_huge_retry_after_does_not_wrap_to_a_short_wait(make_notifier, receiver) -> None:
     """18446744073709552 seconds is more milliseconds than 64 bits hold: the

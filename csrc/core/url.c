@@ -94,6 +94,16 @@ static int url_check_uncached(const char *url, size_t len,
         snprintf(err, errlen, "must have a host");
         goto exit;
     }
+    /* libcurl percent-decodes the host and refuses control characters in
+     * it, but lets DEL and any byte >= 0x80 through: "a%7fb" or "%ff" can
+     * never resolve and would carry raw bytes into errors and logs. UTF-8
+     * stays (international names). */
+    size_t hlen = strlen(host);
+    if (memchr(host, 0x7f, hlen) || !bpn_utf8_valid(host, hlen)) {
+        snprintf(err, errlen,
+                 "host must not decode to DEL or bytes that are not UTF-8");
+        goto exit;
+    }
     /* libcurl takes port 0, where nothing can be reached: every attempt
      * would fail until the delivery is dead-lettered. */
     if (curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) !=
