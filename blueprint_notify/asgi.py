@@ -41,6 +41,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _PULL_BATCH = 256
+# One send holds at most this much (or one frame): send_timeout then bounds
+# the time a client takes to read 64 KiB, so a client that reads steadily
+# but slowly is not cut off because a burst of events went out as one send.
+_PULL_BYTES = 64 << 10
 _FROM_OLDEST = -2
 _PING = b": ping\n\n"
 _NO_HEADERS: tuple[tuple[bytes, bytes], ...] = ()
@@ -69,7 +73,8 @@ def sse_app(
       ``ping_interval / 20``, at most 0.25 s, late: one timer per event loop
       serves every stream).
     - ``retry_ms``: the reconnection delay sent to clients (``retry:`` field).
-    - ``send_timeout``: a client that does not take a frame within this many
+    - ``send_timeout``: a client that does not take a frame (or 64 KiB of
+      frames: sends are no bigger unless one frame is) within this many
       seconds is cut off.
     - ``max_stream_secs``: end a stream after this long (clients reconnect with
       ``Last-Event-ID``; spreads reconnects, bounds proxies' idle timeouts).
@@ -401,7 +406,7 @@ class _Stream:
                 await _respond(send, 503, {"error": "notifier closed"}, [(b"retry-after", b"5"), *self.cors])
                 return
             del token
-            frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
+            frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH, _PULL_BYTES)
             if ended and not frames and not skipped:
                 # Resumed after the terminal event: nothing will ever follow.
                 # 204 tells EventSource to stop reconnecting.
@@ -440,7 +445,7 @@ class _Stream:
                     if deadline is not None and time.monotonic() >= deadline:
                         break  # a busy stream ends on time too
                     # Pull after every send: a wake-up during it found no waiter.
-                    frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
+                    frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH, _PULL_BYTES)
                     if frames or skipped or ended:
                         continue
                     # Idle: wait for events, a ping, the deadline or the client.
@@ -464,7 +469,7 @@ class _Stream:
                         now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         break
-                    frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH)
+                    frames, skipped, ended, _ = sub.pull_frames(_PULL_BATCH, _PULL_BYTES)
                     if now >= self.ping_at and not (frames or skipped or ended):
                         out = _PING
                 # The last write too is bounded: a client that stopped

@@ -1249,23 +1249,31 @@ exit:
     return result;
 }
 
-/* pull_frames(max=64) -> (frames: bytes, skipped, ended, last_seq)
- * frames are the SSE frames of the events, concatenated. */
+/* pull_frames(max=64, max_bytes=0) -> (frames: bytes, skipped, ended,
+ * last_seq): frames are the SSE frames of the events, concatenated; with
+ * max_bytes > 0 no more events once they hold that many bytes (one event at
+ * least). */
 static PyObject *Subscriber_pull_frames(PyObject *op, PyObject *const *args,
                                         Py_ssize_t nargs) {
     SubscriberObject *self = SUBSCRIBER_CAST(op);
     bpn_event *evs[PULL_MAX];
-    Py_ssize_t max = 64;
+    Py_ssize_t max = 64, max_bytes = 0;
     PyObject *frames = NULL, *result = NULL;
-    if (!check_nargs("pull_frames", nargs, 0, 1)) return NULL;
-    if (nargs == 1) {
+    if (!check_nargs("pull_frames", nargs, 0, 2)) return NULL;
+    if (nargs >= 1) {
         max = PyLong_AsSsize_t(args[0]);
         if (max == -1 && PyErr_Occurred()) return NULL;
+    }
+    if (nargs == 2) {
+        max_bytes = PyLong_AsSsize_t(args[1]);
+        if (max_bytes == -1 && PyErr_Occurred()) return NULL;
     }
     if (max < 1 || max > PULL_MAX) max = max < 1 ? 1 : PULL_MAX;
     if (!self->s)
         return Py_BuildValue("(y#KiK)", "", (Py_ssize_t)0, 0ULL, 1, 0ULL);
-    bpn_pull_result r = bpn_sub_pull(self->s, evs, (size_t)max);
+    bpn_pull_result r =
+        bpn_sub_pull_bytes(self->s, evs, (size_t)max,
+                           max_bytes > 0 ? (size_t)max_bytes : SIZE_MAX);
     size_t total = 0;
     for (size_t i = 0; i < r.n; i++) total += evs[i]->frame_len;
     frames = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
@@ -1306,7 +1314,8 @@ static PyMethodDef Subscriber_methods[] = {
      "pull(max=64) -> (events, skipped, ended)"},
     {"pull_frames", (PyCFunction)(void (*)(void))Subscriber_pull_frames,
      METH_FASTCALL,
-     "pull_frames(max=64) -> (frames, skipped, ended, last_seq)"},
+     "pull_frames(max=64, max_bytes=0) -> (frames, skipped, ended, "
+     "last_seq)"},
     {"close", Subscriber_close, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

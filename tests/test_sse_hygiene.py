@@ -130,15 +130,16 @@ async def test_client_that_stops_reading_is_cut_off_after_send_timeout(make_sse,
         took = time.monotonic() - opened
         assert send_timeout - 0.05 <= took < send_timeout + ping_interval + 2, took
         await eventually(lambda: not n._hubs, 2, "loop hub released")
-        # The client then finds what was queued before the stall (the backlog,
-        # as one chunk), no terminating chunk, and the connection closed: an
+        # The client then finds what was queued before the stall (the first
+        # send: the retry: field and the first frame, as a send holds 64 KiB
+        # or one frame), no terminating chunk, and the connection closed: an
         # EventSource reconnects with Last-Event-ID.
         received = bytearray()
         while chunk := await asyncio.to_thread(client.recv, 1 << 20):
             received += chunk
         head, _, body = bytes(received).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
-        payload = RETRY + frames(backlog)
+        payload = RETRY + frames(backlog[:1])
         assert body == b"%x\r\n" % len(payload) + payload + b"\r\n"
     finally:
         client.close()
@@ -163,15 +164,61 @@ async def test_blocked_stream_is_freed_when_the_client_leaves(make_sse) -> None:
 
 
 async def test_client_that_reads_is_not_cut_off(make_sse) -> None:
-    sse = make_sse(send_timeout=0.5, server_kwargs={"sndbuf": 8192})
+    """send_timeout bounds each send, not the stream, and a send is at most
+    64 KiB or one frame: a client that keeps reading at ~300 KiB/s gets a
+    768 KiB burst whole, though the burst takes longer than send_timeout.
+    (Before the byte bound most of the burst went out as one send, and the
+    next send, which waits for that one to drain, was cut off.)"""
+    send_timeout = 1.5
+    sse = make_sse(send_timeout=send_timeout, server_kwargs={"sndbuf": 8192})
     job, token = sse.new_job()
-    events = [JobEvent(P, result="y" * (256 << 10), timestamp=i) for i in range(6)] + [JobEvent(DONE, timestamp=9)]
-    raw = await RawHTTP.request(sse.port, sse.path_for(job), bearer(token))
+    events = [JobEvent(P, result="y" * (128 << 10), timestamp=i) for i in range(6)] + [JobEvent(DONE, timestamp=9)]
+    raw = await RawHTTP.request(sse.port, sse.path_for(job), bearer(token), rcvbuf=16 << 10)
+    started = time.monotonic()
     for e in events:
         sse.notifier.notify(job, e)
+    wire = bytearray()
+    while not wire.endswith(b"\r\n0\r\n\r\n"):
+        piece = await raw.reader.read(16 << 10)
+        assert piece, "the server ended the stream early"
+        wire += piece
+        await asyncio.sleep(0.05)  # a slow reader (pacing), not a wait for work
+    took = time.monotonic() - started
+    decoded = asyncio.StreamReader()
+    decoded.feed_data(bytes(wire))
+    decoded.feed_eof()
+    raw.reader = decoded
     assert await raw.read_to_end() == RETRY + frames(events)
     assert raw.complete
+    assert took > send_timeout, "the burst must outlast send_timeout for this test to mean anything"
     await raw.close()
+
+
+def test_pull_frames_stops_at_the_byte_bound() -> None:
+    """What the stream's sends are made of: up to max events, and no more
+    once they hold max_bytes (one event at least, however big)."""
+    from blueprint_notify import _core
+
+    PROCESSING = 1  # the core's status code (JobStatus order)
+    engine = _core.Engine(signing_secret=b"s")
+    waker = _core.Waker(engine, lambda: None)
+    sub = engine.subscribe("job", waker, lambda: None, None, 0)
+    try:
+        for size in (10, 10, 100_000, 10, 10, 10):
+            engine.notify("job", PROCESSING, b'{"r":"%s"}' % (b"x" * size), None)
+        sizes = []
+        while True:
+            frames, skipped, ended, _ = sub.pull_frames(4, 60)
+            if not frames:
+                break
+            sizes.append(frames.count(b"\n\n"))
+            assert skipped == 0 and not ended
+        # Small frames are ~50 bytes: two reach 60 bytes; the big one goes
+        # alone; the count bound (4) is never reached.
+        assert sizes == [2, 1, 2, 1], sizes
+    finally:
+        sub.close()
+        engine.close(0)
 
 
 # -- stream lifetime -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 #include "channel.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -629,15 +630,24 @@ void bpn_sub_free(bpn_sub *s) {
 }
 
 bpn_pull_result bpn_sub_pull(bpn_sub *s, bpn_event **out, size_t max) {
+    return bpn_sub_pull_bytes(s, out, max, SIZE_MAX);
+}
+
+bpn_pull_result bpn_sub_pull_bytes(bpn_sub *s, bpn_event **out, size_t max,
+                                   size_t max_bytes) {
     bpn_pull_result r = {0, 0, 0};
+    size_t bytes = 0;
     bpn_hub *hub = s->waker->hub;
     bpn_hub_lock(hub);
     bpn_job *job = s->job;
     r.skipped = s->lost;
     s->lost = 0;
     size_t pos = ring_after(hub, job, s->cursor);
-    while (r.n < max && pos < job->count)
-        out[r.n++] = bpn_event_ref(ring_at(hub, job, pos++));
+    while (r.n < max && bytes < max_bytes && pos < job->count) {
+        bpn_event *ev = ring_at(hub, job, pos++);
+        bytes += ev->frame_len;
+        out[r.n++] = bpn_event_ref(ev);
+    }
     if (r.n) s->cursor = out[r.n - 1]->seq;
     r.ended = pos == job->count && (job->terminal || hub->closed);
     bpn_hub_unlock(hub);

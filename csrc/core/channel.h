@@ -137,4 +137,9 @@ void bpn_hub_sweep(bpn_hub *hub);
  * unrefs them) and advances the cursor. */
 bpn_pull_result bpn_sub_pull(bpn_sub *s, bpn_event **out, size_t max);
 
+/* Like bpn_sub_pull, but stops once the events taken hold max_bytes of SSE
+ * frames or more (at least one event is taken when there is one). */
+bpn_pull_result bpn_sub_pull_bytes(bpn_sub *s, bpn_event **out, size_t max,
+                                   size_t max_bytes);
+
 #endif
