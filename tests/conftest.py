@@ -41,7 +41,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     kwargs = {name: funcargs[name] for name in argnames}
 
     async def guarded() -> None:
-        await asyncio.wait_for(func(**kwargs), ASYNC_TEST_TIMEOUT)
+        try:
+            await asyncio.wait_for(func(**kwargs), ASYNC_TEST_TIMEOUT)
+        finally:
+            sse_support = sys.modules.get("sse_support")
+            if sse_support is not None:
+                await sse_support.abort_open_clients()
 
     asyncio.run(guarded())
     return True

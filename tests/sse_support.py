@@ -272,6 +272,21 @@ def run_server(kind: str, app: Any, **kwargs: Any) -> Iterator[Served]:
 
 
 # -- raw HTTP/1.1 client ----------------------------------------------------------------------
+_OPEN_CLIENTS: set[RawHTTP] = set()
+
+
+async def abort_open_clients() -> None:
+    """Aborts the connections of RawHTTP clients a test left open (one that
+    failed before its close()), inside the test's own loop: otherwise they
+    are collected later, in another test, as unclosed-socket warnings."""
+    clients = list(_OPEN_CLIENTS)
+    _OPEN_CLIENTS.clear()
+    for client in clients:
+        client.writer.transport.abort()
+    if clients:
+        await asyncio.sleep(0)  # abort() closes the socket on the next loop pass
+
+
 class RawHTTP:
     """One HTTP/1.1 request on its own connection, read with asyncio streams.
 
@@ -317,6 +332,7 @@ class RawHTTP:
             raise
         reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
         self = cls(reader, writer)
+        _OPEN_CLIENTS.add(self)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {HOST}:{port}"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -406,6 +422,7 @@ class RawHTTP:
         return rest
 
     async def close(self) -> None:
+        _OPEN_CLIENTS.discard(self)
         self.writer.close()
         with contextlib.suppress(OSError):
             await self.writer.wait_closed()
