@@ -206,9 +206,11 @@ async def _abandoned(tmp_path: Path) -> None:
         assert r["write_paused"] == heavy_streams, r
         assert_back_to(base, r["after"], what)
         # No Python object left per stream: a leak of even one per stream
-        # would show as +5,000 (memory blocks also count what freelists
-        # and caches keep: a one-off few hundred).
-        assert r["gc_objects_after"] - base["gc_objects"] < STREAMS // 10, (what, r, base)
+        # would show as +STREAMS (memory blocks also count what freelists
+        # and caches keep: a one-off few hundred). Unrelated one-offs of up
+        # to ~120 tracked objects were seen in loaded CI runs, which is more
+        # than a tenth of the 1,000 streams of the sanitizer run.
+        assert r["gc_objects_after"] - base["gc_objects"] < max(STREAMS // 10, 300), (what, r, base)
         assert r["blocks_after"] - base["blocks"] < STREAMS // 2, (what, r, base)
         assert r["freed_in_s"] < 10, r
     assert_clean_log(server)
